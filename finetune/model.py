@@ -1,0 +1,70 @@
+"""Loading Gemma 4 (+ LoRA) for training and evaluation. A Hugging Face id, a local folder and a
+`gs://` prefix are all just a `--base-model` value; a gs:// one is copied to the cache first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from adapter_contract.storage import download_tree, is_gcs, open_storage
+
+
+class LoraSettings(BaseModel):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" reaches the patch embedder and the image projector, which a random tiny model
+    # needs to learn; for real checkpoints the language-model regex is the usual choice:
+    # r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    targets: str = "all-linear"
+
+
+def resolve_base_model(ref: str, cache_dir: Path) -> str:
+    """A path or hub id that `from_pretrained` (and vLLM) can open."""
+    if not is_gcs(ref):
+        return ref
+    local = cache_dir / "models" / ref.removeprefix("gs://").replace("/", "_")
+    if not (local / "config.json").exists():
+        download_tree(open_storage(ref), "", local)
+    return str(local)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_processor(model_path: str) -> Any:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_base(model_path: str, device: torch.device) -> Any:
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    return model.to(device)
+
+
+def add_lora(model: Any, settings: LoraSettings) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.targets, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

@@ -1,2 +1,97 @@
+"""`petbreed`: the one command-line entry point. Each subcommand is a thin shell over a module.
+
+Errors a user can fix (bad paths, bad data, bad settings, missing buckets) print one line and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
-app = typer.Typer()
+
+app = typer.Typer(help="Fine-tune Gemma 4 to recognise pet breeds, serve it, try it.", no_args_is_help=True)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from adapter_contract.storage import StorageError
+    from finetune.data import DataError
+
+    return (DataError, StorageError, ValidationError, FileNotFoundError, NotADirectoryError)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as err:
+            message = " ".join(str(err).split())
+            typer.echo(f"petbreed: error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("make-tiny-model")
+@friendly
+def make_tiny_model(
+    out: Path,
+    seed: int = 0,
+    text_hidden: Annotated[int, typer.Option(help="language model width")] = 64,
+    vision_hidden: Annotated[int, typer.Option(help="vision tower width")] = 32,
+    init_std: Annotated[float, typer.Option(help="weight init std (random models learn faster with 0.1)")] = 0.1,
+) -> None:
+    """Build a tiny random-weight Gemma 4 (real classes, tokenizer, processor) in OUT."""
+    from finetune.tiny_model import TinyModelConfig
+    from finetune.tiny_model import make_tiny_model as build
+
+    cfg = TinyModelConfig(seed=seed, text_hidden=text_hidden, vision_hidden=vision_hidden, init_std=init_std)
+    typer.echo(build(out, cfg))
+
+
+@app.command("make-synthetic-data")
+@friendly
+def make_synthetic_data(
+    out: Path,
+    breeds: int = 6,
+    first: Annotated[int, typer.Option(help="skip this many breeds of the fixed order")] = 0,
+    level: str = "easy",
+    train_per_breed: int = 40,
+    test_per_breed: int = 20,
+    size: int = 96,
+    seed: int = 0,
+) -> None:
+    """Write a synthetic pets dataset (Oxford-IIIT Pet layout) to OUT."""
+    from finetune.synthetic import SyntheticConfig
+    from finetune.synthetic import make_synthetic_data as build
+
+    cfg = SyntheticConfig(breeds=breeds, first=first, level=level, train_per_breed=train_per_breed,  # type: ignore[arg-type]
+                          test_per_breed=test_per_breed, size=size, seed=seed)
+    typer.echo(build(out, cfg))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+@friendly
+def train(ctx: typer.Context) -> None:
+    """Train, evaluate and publish a LoRA adapter. Flags: `petbreed train --help`."""
+    from finetune.pipeline import run_training
+    from finetune.settings import TrainSettings
+
+    settings = TrainSettings(_cli_parse_args=ctx.args, _cli_prog_name="petbreed train")  # type: ignore[call-arg]
+    typer.echo(run_training(settings).model_dump_json(indent=2))
+
+
+def main() -> None:
+    app(prog_name="petbreed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

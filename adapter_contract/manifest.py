@@ -43,9 +43,9 @@ class AdapterManifest(BaseModel):
         return f"{self.name}@{self.version}"
 
 
-def config_sha256(model_dir: Path) -> str:
+def config_sha256(config_json: Path) -> str:
     """Hash of a model's config.json with keys sorted, so formatting differences don't matter."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads(config_json.read_text())
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 

@@ -7,7 +7,6 @@ in the manifest and checked on download.
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 

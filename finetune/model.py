@@ -32,6 +32,16 @@ def resolve_base_model(ref: str, cache_dir: Path) -> str:
     return str(local)
 
 
+def config_path(model_path: str) -> Path:
+    """The config.json of a local folder or a hub id (fetched into the HF cache)."""
+    from transformers.utils import cached_file
+
+    found = cached_file(model_path, "config.json")
+    if found is None:
+        raise FileNotFoundError(f"no config.json for base model {model_path}")
+    return Path(found)
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,7 @@ breeds in a dataset of breeds 1-8 (which retraining relies on). Levels add nuisa
 from __future__ import annotations
 
 import random
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from finetune.breeds import CATS, CLASS_IDS, DOGS, label_for, species_id
 from adapter_contract.labels import Label
+from finetune.breeds import CATS, CLASS_IDS, DOGS, label_for, species_id
 
 # Cats and dogs interleaved, so the first K breeds always hold both species.
 SYNTHETIC_ORDER = [name for pair in zip(CATS, DOGS, strict=False) for name in pair] + DOGS[len(CATS):]
@@ -34,7 +34,7 @@ SHAPES = ("ellipse", "box", "diamond")
 TEXTURES = ("plain", "stripes", "spots")
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     easy = "easy"
     medium = "medium"
     hard = "hard"
@@ -159,7 +159,7 @@ def make_synthetic_data(out: Path, cfg: SyntheticConfig) -> Path:
                 split = "trainval" if n < cfg.train_per_breed else "test"
                 splits[split].append(f"{stem} {CLASS_IDS[name]} {species} {breed_in_species}")
                 bar.update()
-    header = "#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n#SPECIES: 1:Cat 2:Dog\n#BREED ID: 1-25:Dog 1:12:Cat\n"
+    header = "#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n#SPECIES: 1:Cat 2:Dog\n"
     for split, lines in splits.items():
         (out / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
     (out / "annotations" / "list.txt").write_text(header + "\n".join(splits["trainval"] + splits["test"]) + "\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from finetune.synthetic import BREEDS
 from adapter_contract.prompt import INSTRUCTION
+from finetune.synthetic import BREEDS
 
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",

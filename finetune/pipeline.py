@@ -1,0 +1,41 @@
+"""The whole training job as one call: data -> train -> evaluate -> publish. The `petbreed train`
+command and a Cloud Run Job task both run exactly this."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from adapter_contract.prompt import answer_terminator
+from finetune.data import load_dataset
+from finetune.model import config_path, load_processor, resolve_base_model
+from finetune.publish import build_manifest, publish
+from finetune.settings import TrainSettings
+from finetune.train import train
+
+
+class RunSummary(BaseModel):
+    accuracy: float
+    macro_f1: float
+    base_accuracy: float
+    resumed_from_step: int
+    skipped_images: int
+    adapter_dir: str
+    published: str | None = None
+
+
+def run_training(settings: TrainSettings) -> RunSummary:
+    model_path = resolve_base_model(settings.base_model, settings.cache_dir)
+    dataset = load_dataset(settings.data, settings.cache_dir, settings.test_fraction, settings.seed)
+    result = train(settings.model_copy(update={"base_model": model_path}), dataset)
+    summary = RunSummary(
+        accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
+        base_accuracy=result.base_report.accuracy, resumed_from_step=result.resumed_from,
+        skipped_images=len(dataset.report.skipped), adapter_dir=str(result.adapter_dir),
+    )
+    if settings.publish:
+        manifest = build_manifest(
+            settings, config_path(model_path), dataset.labels, answer_terminator(load_processor(model_path)),
+            dataset.fingerprint(), result.report, result.base_report,
+        )
+        summary.published = publish(settings.registry, result.adapter_dir, manifest).ref
+    return summary

@@ -1,0 +1,109 @@
+"""Shared fixtures: everything is built for real, once per test session.
+
+- `tiny_model`: a tiny random Gemma 4 folder (`petbreed make-tiny-model`).
+- `synthetic_data`: 6 synthetic breeds, default level (`petbreed make-synthetic-data`).
+- `trained_registry`: a local registry holding `pets@1`, trained by `petbreed train`.
+- `gcs_emulator`: a GCS emulator process; yields a `gs://` bucket URI the real client can use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BIN = Path(sys.executable).parent
+EMULATOR_BUCKET = "petbreed-test"
+
+
+def petbreed(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `petbreed` console script."""
+    result = subprocess.run(
+        [str(BIN / "petbreed"), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"petbreed {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def summary(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    """The JSON summary `petbreed train` prints last."""
+    return dict(json.loads(result.stdout[result.stdout.index("{") :]))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-gemma4"
+    petbreed("make-tiny-model", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    petbreed("make-synthetic-data", str(out), "--breeds", "6")
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, synthetic_data: Path) -> dict[str, object]:
+    """One real training run with the default recipe; its summary and its folders."""
+    root = tmp_path_factory.mktemp("trained")
+    registry = root / "registry"
+    result = petbreed(
+        "train", "--data", str(synthetic_data), "--base-model", str(tiny_model), "--output", str(root / "run"),
+        "--registry", str(registry), "--cache-dir", str(root / "cache"), "--eval-every", "100",
+    )
+    return {**summary(result), "registry": str(registry), "run": str(root / "run")}
+
+
+@pytest.fixture(scope="session")
+def trained_registry(trained_run: dict[str, object]) -> str:
+    return str(trained_run["registry"])
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "gcp-storage-emulator"), "start", "--in-memory", "--host", "127.0.0.1", "--port", str(port),
+         "--default-bucket", EMULATOR_BUCKET],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_for_port(port)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    yield f"gs://{EMULATOR_BUCKET}"
+    proc.terminate()
+    proc.wait(10)
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+def _wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")

@@ -1,0 +1,41 @@
+"""`petbreed` answers user mistakes with one line on stderr and exit status 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import petbreed
+
+
+def _one_line_error(args: list[str], expected: str) -> None:
+    result = petbreed(*args, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("petbreed: error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_subcommands() -> None:
+    out = petbreed("--help").stdout
+    for command in ("make-tiny-model", "make-synthetic-data", "train"):
+        assert command in out
+
+
+def test_missing_dataset(tmp_path: Path) -> None:
+    _one_line_error(["train", "--data", str(tmp_path / "missing")], "does not exist")
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    _one_line_error(["train", "--data", str(tmp_path)], "no images found")
+
+
+def test_bad_setting_value(tmp_path: Path) -> None:
+    _one_line_error(["train", "--data", str(tmp_path), "--max-steps", "zero"], "max_steps")
+
+
+@pytest.mark.usefixtures("gcs_emulator")
+def test_bucket_that_does_not_exist(synthetic_data: Path) -> None:
+    _one_line_error(["train", "--data", str(synthetic_data), "--output", "gs://no-such-bucket-petbreed/run"],
+                    "gs://no-such-bucket-petbreed does not exist")

@@ -14,7 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Fine-tune Gemma 4 to recognise pet breeds, serve it, try it.", no_args_is_help=True)
+app = typer.Typer(
+    help="Fine-tune Gemma 4 to recognise pet breeds, serve it, try it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 

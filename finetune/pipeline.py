@@ -6,9 +6,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from adapter_contract.prompt import answer_terminator
+from finetune import retrain
 from finetune.data import load_dataset
 from finetune.model import config_path, load_processor, resolve_base_model
-from finetune.publish import build_manifest, publish
+from finetune.publish import Lineage, build_manifest, publish
 from finetune.settings import TrainSettings
 from finetune.train import train
 
@@ -21,21 +22,35 @@ class RunSummary(BaseModel):
     skipped_images: int
     adapter_dir: str
     published: str | None = None
+    old_breeds_accuracy: float | None = None
+    new_breeds_accuracy: float | None = None
+    parent_accuracy: float | None = None
 
 
 def run_training(settings: TrainSettings) -> RunSummary:
     model_path = resolve_base_model(settings.base_model, settings.cache_dir)
     dataset = load_dataset(settings.data, settings.cache_dir, settings.test_fraction, settings.seed)
-    result = train(settings.model_copy(update={"base_model": model_path}), dataset)
+    plan = retrain.plan(settings, dataset) if settings.parent else None
+    if plan:
+        dataset = plan.dataset
+    result = train(settings.model_copy(update={"base_model": model_path}), dataset, plan and plan.parent_dir)
     summary = RunSummary(
         accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
         base_accuracy=result.base_report.accuracy, resumed_from_step=result.resumed_from,
         skipped_images=len(dataset.report.skipped), adapter_dir=str(result.adapter_dir),
     )
+    if plan:
+        summary.old_breeds_accuracy = result.report.subset_accuracy(plan.old_labels)
+        summary.new_breeds_accuracy = result.report.subset_accuracy(plan.new_labels)
+        summary.parent_accuracy = plan.parent.metrics.get("accuracy")
     if settings.publish:
         manifest = build_manifest(
             settings, config_path(model_path), dataset.labels, answer_terminator(load_processor(model_path)),
             dataset.fingerprint(), result.report, result.base_report,
+            Lineage(plan.data_sources, plan.parent.ref, plan.old_labels) if plan else Lineage([settings.data]),
+        )
+        manifest.metrics.update(
+            {k: v for k, v in summary.model_dump().items() if k.endswith("breeds_accuracy") and v is not None}
         )
         summary.published = publish(settings.registry, result.adapter_dir, manifest).ref
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_contract.labels import LabelSet
@@ -12,9 +13,18 @@ from finetune.evaluate import EvalReport
 from finetune.settings import TrainSettings
 
 
+@dataclass
+class Lineage:
+    """Where an adapter comes from: every dataset it has seen, and the version it continued."""
+
+    data_sources: list[str]
+    parent: str | None = None
+    previous_labels: list[str] | None = None
+
+
 def build_manifest(
     settings: TrainSettings, config_json: Path, labels: LabelSet, terminator: str, fingerprint: str,
-    report: EvalReport, base_report: EvalReport, previous_labels: list[str] | None = None,
+    report: EvalReport, base_report: EvalReport, lineage: Lineage,
 ) -> AdapterManifest:
     metrics = {"accuracy": report.accuracy, "macro_f1": report.macro_f1,
                "base_accuracy": base_report.accuracy, "base_macro_f1": base_report.macro_f1}
@@ -28,9 +38,9 @@ def build_manifest(
         answer_terminator=terminator,
         data_fingerprint=fingerprint,
         metrics=metrics,
-        parent=settings.parent,
-        previous_labels=previous_labels,
-        training={"data": settings.data, "max_steps": settings.max_steps, "lr": settings.lr,
+        parent=lineage.parent,
+        previous_labels=lineage.previous_labels,
+        training={"data_sources": lineage.data_sources, "max_steps": settings.max_steps, "lr": settings.lr,
                   "batch_size": settings.batch_size * settings.grad_accum, "lora": settings.lora.model_dump(),
                   "seed": settings.seed},
     )

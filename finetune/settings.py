@@ -29,7 +29,8 @@ class TrainSettings(BaseSettings):
     )
     registry: str = Field("artifacts/registry", description="adapter registry: local folder or gs://bucket/prefix")
     name: str = Field("pets", description="adapter name in the registry")
-    parent: str | None = Field(None, description="NAME[@VERSION] to continue from (retraining)")
+    parent: str | None = Field(None, description="NAME[@VERSION] to continue from: retraining with new breeds")
+    replay_per_breed: int = Field(20, ge=0, description="retraining: old training images replayed per old breed")
     publish: bool = True
     cache_dir: Path = Path(".cache/petbreed")
     tensorboard_dir: str | None = Field(None, validation_alias=_env("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR"))

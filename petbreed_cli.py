@@ -48,16 +48,21 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def make_tiny_model(
     out: Path,
+    shape: Annotated[str, typer.Option(help="tiny, or e4b: google/gemma-4-E4B-it's shape, for GPUs")] = "tiny",
     seed: int = 0,
-    text_hidden: Annotated[int, typer.Option(help="language model width")] = 64,
-    vision_hidden: Annotated[int, typer.Option(help="vision tower width")] = 32,
-    init_std: Annotated[float, typer.Option(help="weight init std (random models learn faster with 0.1)")] = 0.1,
+    text_hidden: Annotated[int, typer.Option(help="tiny: language model width")] = 64,
+    vision_hidden: Annotated[int, typer.Option(help="tiny: vision tower width")] = 32,
+    init_std: Annotated[float | None, typer.Option(help="weight init std (tiny: 0.1, learns faster)")] = None,
+    device: Annotated[str, typer.Option(help="where to build the weights (cuda for e4b)")] = "cpu",
 ) -> None:
-    """Build a tiny random-weight Gemma 4 (real classes, tokenizer, processor) in OUT."""
+    """Build a random-weight Gemma 4 (real classes, tokenizer, processor) in OUT."""
     from finetune.tiny_model import TinyModelConfig
     from finetune.tiny_model import make_tiny_model as build
 
-    cfg = TinyModelConfig(seed=seed, text_hidden=text_hidden, vision_hidden=vision_hidden, init_std=init_std)
+    cfg = TinyModelConfig(
+        shape=shape, seed=seed, text_hidden=text_hidden, vision_hidden=vision_hidden,  # type: ignore[arg-type]
+        init_std=init_std, device=device,
+    )
     typer.echo(build(out, cfg))
 
 

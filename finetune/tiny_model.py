@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
@@ -36,16 +37,53 @@ CHAT_TEMPLATE = (
 
 
 class TinyModelConfig(BaseModel):
-    """Sizes of the tiny model. A random model learns faster with a wide init (see README)."""
+    """Shape of the random model. `tiny` is the offline default; `e4b` has the text and vision
+    shapes of google/gemma-4-E4B-it, for GPU benchmarks (random weights cost the same compute).
+    A random model learns faster with a wide init, hence init_std 0.1 for tiny (see README)."""
 
+    shape: Literal["tiny", "e4b"] = "tiny"
     seed: int = 0
-    vocab_size: int = 1024
     text_hidden: int = 64
-    text_layers: int = 2
     vision_hidden: int = 32
-    vision_layers: int = 2
-    soft_tokens: int = 70
-    init_std: float = 0.1
+    init_std: float | None = None
+    device: str = "cpu"
+
+    @property
+    def std(self) -> float:
+        return self.init_std if self.init_std is not None else float(SHAPES[self.shape]["init_std"])
+
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": dict(
+            vocab_size=1024, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+            global_head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+            vocab_size_per_layer_input=1024, hidden_size_per_layer_input=16, max_position_embeddings=1024,
+        ),
+        "vision": dict(
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
+            pooling_kernel_size=3, position_embedding_size=1024, use_clipped_linears=True,
+        ),
+        "soft_tokens": 70,
+        "init_std": 0.1,
+    },
+    "e4b": {
+        "text": dict(
+            vocab_size=262144, hidden_size=2560, intermediate_size=10240, num_hidden_layers=42,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512,
+            vocab_size_per_layer_input=262144, hidden_size_per_layer_input=256, num_kv_shared_layers=18,
+            sliding_window=512, final_logit_softcapping=30.0, max_position_embeddings=131072,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
+        ),
+        "vision": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+            num_key_value_heads=12, head_dim=64, patch_size=16, pooling_kernel_size=3,
+            position_embedding_size=10240, use_clipped_linears=True,
+        ),
+        "soft_tokens": 280,
+        "init_std": 0.02,
+    },
+}
 
 
 def _corpus() -> list[str]:
@@ -85,25 +123,14 @@ def _gemma4_config(cfg: TinyModelConfig, tokenizer):  # type: ignore[no-untyped-
     from transformers import Gemma4Config
 
     ids = tokenizer.convert_tokens_to_ids
-    heads_dim = 32
-    text = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=heads_dim, global_head_dim=heads_dim, sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"] * (cfg.text_layers // 2),
-        vocab_size_per_layer_input=cfg.vocab_size, hidden_size_per_layer_input=16,
-        max_position_embeddings=1024, initializer_range=cfg.init_std,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    vision = dict(
-        hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-        patch_size=4, pooling_kernel_size=3, position_embedding_size=1024, use_clipped_linears=True,
-        initializer_range=cfg.init_std,
-    )
+    shape = SHAPES[cfg.shape]
+    text = {"hidden_size": cfg.text_hidden, "intermediate_size": 2 * cfg.text_hidden, **shape["text"]}
+    vision = {"hidden_size": cfg.vision_hidden, "intermediate_size": 2 * cfg.vision_hidden, **shape["vision"]}
+    text.update(initializer_range=cfg.std, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    vision.update(initializer_range=cfg.std)
     config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, initializer_range=cfg.init_std,
+        text_config=text, vision_config=vision, audio_config=None, initializer_range=cfg.std,
         image_token_id=ids("<|image|>"), boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
         video_token_id=ids("<|video|>"), audio_token_id=ids("<|audio|>"), boa_token_id=ids("<|audio>"),
         eoa_token_index=ids("<audio|>"), eos_token_id=[tokenizer.eos_token_id, ids("<turn|>")],
@@ -112,10 +139,12 @@ def _gemma4_config(cfg: TinyModelConfig, tokenizer):  # type: ignore[no-untyped-
     return config
 
 
-def build_processor(tokenizer, soft_tokens: int):  # type: ignore[no-untyped-def]
+def build_processor(tokenizer, vision: dict[str, Any], soft_tokens: int):  # type: ignore[no-untyped-def]
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor, Gemma4VideoProcessor
 
-    image_processor = Gemma4ImageProcessor(patch_size=4, pooling_kernel_size=3, max_soft_tokens=soft_tokens)
+    image_processor = Gemma4ImageProcessor(
+        patch_size=vision["patch_size"], pooling_kernel_size=vision["pooling_kernel_size"], max_soft_tokens=soft_tokens
+    )
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
         video_processor=Gemma4VideoProcessor(), chat_template=CHAT_TEMPLATE, image_seq_length=soft_tokens,
@@ -126,19 +155,52 @@ def make_tiny_model(out: Path, cfg: TinyModelConfig) -> Path:
     """Write a complete model folder to `out`: weights, config, tokenizer, processor."""
     from transformers import Gemma4ForConditionalGeneration
 
+    shape = SHAPES[cfg.shape]
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(cfg.vocab_size)
+    tokenizer = build_tokenizer(shape["text"]["vocab_size"])
     config = _gemma4_config(cfg, tokenizer)
-    model = Gemma4ForConditionalGeneration(config).eval()
+    dtype = torch.float32 if cfg.shape == "tiny" else torch.bfloat16
+    with torch.device(cfg.device):
+        model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    build_processor(tokenizer, cfg.soft_tokens).save_pretrained(out)
-    _add_vllm_keys(out / "config.json", cfg.soft_tokens)
+    model.save_pretrained(out, max_shard_size="4GB")
+    build_processor(tokenizer, shape["vision"], shape["soft_tokens"]).save_pretrained(out)
+    _add_vllm_keys(out, config, shape["soft_tokens"])
     return out
 
 
-def _add_vllm_keys(config_path: Path, soft_tokens: int) -> None:
-    # vLLM reads the number of soft tokens per image from here; transformers does not write it.
-    config = json.loads(config_path.read_text())
-    config["vision_config"]["default_output_length"] = soft_tokens
-    config_path.write_text(json.dumps(config, indent=2))
+def _add_vllm_keys(out: Path, config: Any, soft_tokens: int) -> None:
+    """What vLLM needs that transformers does not write."""
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    # The number of soft tokens per image.
+    saved["vision_config"]["default_output_length"] = soft_tokens
+    path.write_text(json.dumps(saved, indent=2))
+    _add_kv_shared_k_norms(out, config.text_config)
+
+
+def _add_kv_shared_k_norms(out: Path, text: Any) -> None:
+    """transformers saves no `self_attn.k_norm.weight` for layers that share another layer's KV
+    cache, but vLLM loads one for every layer; released checkpoints carry them. Add ones (identity)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shared = getattr(text, "num_kv_shared_layers", 0) or 0
+    if not shared:
+        return
+    index_path = out / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        with safe_open(str(out / "model.safetensors"), "pt") as fh:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in fh.keys()}}  # noqa: SIM118
+    extra = {}
+    for layer in range(text.num_hidden_layers - shared, text.num_hidden_layers):
+        name = f"model.language_model.layers.{layer}.self_attn.k_norm.weight"
+        if name not in index["weight_map"]:
+            full = text.layer_types[layer] == "full_attention"
+            extra[name] = torch.ones(text.global_head_dim if full else text.head_dim, dtype=torch.bfloat16)
+    if extra:
+        save_file(extra, str(out / "model-kv-shared-k-norm.safetensors"), metadata={"format": "pt"})
+        index["weight_map"].update(dict.fromkeys(extra, "model-kv-shared-k-norm.safetensors"))
+        index_path.write_text(json.dumps(index, indent=2))

@@ -9,13 +9,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm import tqdm
 
 from adapter_contract.labels import LabelSet
 from adapter_contract.prompt import ClassificationPrompt
 from finetune.data import Example, load_image
-from finetune.plots import confusion_png
 from finetune.scoring import label_distributions
 
 
@@ -55,6 +53,9 @@ def predict(
 
 
 def report(model_name: str, labels: LabelSet, examples: Sequence[Example], probs: list[list[float]]) -> EvalReport:
+    # Imported here: only reports need scikit-learn, not the training loop (lean GPU images).
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
     ids = labels.ids
     y_true = [ids.index(ex.label) for ex in examples]
     y_pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
@@ -78,6 +79,8 @@ def report(model_name: str, labels: LabelSet, examples: Sequence[Example], probs
 
 def write(report_: EvalReport, folder: Path, prefix: str = "") -> None:
     """`{prefix}report.json` and `{prefix}confusion.png` in `folder`."""
+    from finetune.plots import confusion_png
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{prefix}report.json").write_text(report_.model_dump_json(indent=2))
     title = f"{report_.model}: accuracy {report_.accuracy:.3f}, macro-F1 {report_.macro_f1:.3f}"

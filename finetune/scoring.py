@@ -41,6 +41,22 @@ def training_batch(
     return batch
 
 
+def answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, computing logits only where answers are.
+
+    The answers sit at the end of every (left-padded) row, so only the last few positions need
+    the vocabulary projection; with Gemma's 262k vocabulary that saves memory and time.
+    """
+    targets = batch["labels"]
+    first = int((targets != IGNORE).any(dim=0).nonzero()[0])
+    keep = targets.shape[1] - first + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets[:, -(keep - 1) :].flatten(), ignore_index=IGNORE
+    )
+
+
 @torch.no_grad()
 def label_distributions(
     model: Any, processor: Any, prompt: ClassificationPrompt, images: Sequence[Image.Image], device: torch.device

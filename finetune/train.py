@@ -2,7 +2,7 @@
 
 Recipe: load data -> load base + processor -> LoRA (fresh, from a parent adapter, or from the
 newest checkpoint) -> AdamW with warmup and linear decay -> loss on the answer tokens only ->
-checkpoint every N steps -> evaluate base and adapter by scoring the label set -> publish.
+checkpoint every N steps -> evaluate base and adapter by scoring the label set.
 Accelerate handles devices, mixed precision and several GPUs (`accelerate launch`/`torchrun`).
 """
 
@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from adapter_contract.storage import Storage, open_storage
 from finetune import checkpoints, evaluate
 from finetune.data import Dataset, Example, load_image
 from finetune.model import add_lora, load_adapter, load_base, load_processor, pick_device
-from finetune.scoring import training_batch
+from finetune.scoring import answer_loss, training_batch
 from finetune.settings import TrainSettings
 
 log = logging.getLogger("petbreed.train")
@@ -40,7 +40,6 @@ class TrainResult:
     adapter_dir: Path
     report: evaluate.EvalReport
     base_report: evaluate.EvalReport
-    steps: int
     resumed_from: int
 
 
@@ -61,6 +60,17 @@ class BatchOrder(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.count
+
+
+class _Shard(torch.utils.data.IterableDataset):
+    """This process's slice of every global batch (plain data parallelism)."""
+
+    def __init__(self, order: BatchOrder, rank: int, size: int) -> None:
+        self.order, self.rank, self.size = order, rank, size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for batch in self.order:
+            yield batch[self.rank * self.size : (self.rank + 1) * self.size]
 
 
 class Collator:
@@ -84,18 +94,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Run:
+    """Everything one training run holds, from start (or resume) to the final adapter."""
+
+    settings: TrainSettings
+    dataset: Dataset
+    accelerator: Accelerator
+    storage: Storage
+    processor: Any
+    prompt: ClassificationPrompt
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    start: int
+    records: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
 def train(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | None = None) -> TrainResult:
+    run = prepare(settings, dataset, parent_adapter)
+    fit(run)
+    return finish(run)
+
+
+def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | None = None) -> Run:
     seed_everything(settings.seed)
     accelerator = Accelerator(
         cpu=pick_device(settings.device).type == "cpu",
-        mixed_precision="bf16" if torch.cuda.is_available() and settings.device != "cpu" else "no",
+        mixed_precision="bf16" if pick_device(settings.device).type == "cuda" else "no",
     )
-    run = open_storage(settings.output)
-    model_path = settings.base_model
-    processor = load_processor(model_path)
-    prompt = ClassificationPrompt.build(processor, dataset.labels)
-    base = load_base(model_path, accelerator.device)
-    ckpt = checkpoints.latest(run, settings.cache_dir / "resume" / _slug(settings.output))
+    storage = open_storage(settings.output)
+    processor = load_processor(settings.base_model)
+    base = load_base(settings.base_model, accelerator.device)
+    ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter
     model = load_adapter(base, start_from, trainable=True) if start_from else add_lora(base, settings.lora)
     optimizer = torch.optim.AdamW(
@@ -111,143 +146,124 @@ def train(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | None
         start = ckpt.step
         log.info("resuming from checkpoint at step %d", start)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loader = _loader(settings, dataset, processor, prompt, start, accelerator)
-    metrics = _MetricsLog(run, settings, accelerator.is_main_process, start)
-    _loop(settings, accelerator, model, optimizer, scheduler, loader, start, run, metrics, dataset, processor, prompt)
-    return _finish(settings, accelerator, model, base, processor, prompt, dataset, metrics, start)
+    prompt = ClassificationPrompt.build(processor, dataset.labels)
+    run = Run(settings, dataset, accelerator, storage, processor, prompt, model, optimizer, scheduler, start)
+    run.records = _load_records(run)
+    return run
 
 
-def _loader(
-    settings: TrainSettings, dataset: Dataset, processor: Any, prompt: ClassificationPrompt, start: int,
-    accelerator: Accelerator,
-) -> DataLoader:
-    # Each process takes its own slice of every global batch (plain DDP data parallelism).
-    per_process = settings.batch_size // accelerator.num_processes
-    sampler = BatchOrder(
-        len(dataset.train), settings.batch_size, settings.seed, start * settings.grad_accum,
-        (settings.max_steps - start) * settings.grad_accum,
-    )
-    shard = _Shard(sampler, accelerator.process_index, per_process)
-    return DataLoader(
-        shard, batch_size=1, collate_fn=Collator(dataset.train, processor, prompt, dataset.labels),
-        num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
-    )
-
-
-class _Shard(torch.utils.data.IterableDataset):
-    def __init__(self, order: BatchOrder, rank: int, size: int) -> None:
-        self.order, self.rank, self.size = order, rank, size
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        for batch in self.order:
-            yield batch[self.rank * self.size : (self.rank + 1) * self.size]
-
-
-def _loop(
-    settings: TrainSettings, accelerator: Accelerator, model: Any, optimizer: Any, scheduler: Any,
-    loader: DataLoader, start: int, run: Storage, metrics: _MetricsLog, dataset: Dataset, processor: Any,
-    prompt: ClassificationPrompt,
-) -> None:
-    model.train()
-    batches = iter(loader)
-    bar = tqdm(range(start, settings.max_steps), desc="train", unit="step", disable=not accelerator.is_main_process)
+def fit(run: Run) -> None:
+    s = run.settings
+    run.model.train()
+    batches = iter(_loader(run))
+    main = run.accelerator.is_main_process
+    bar = tqdm(range(run.start, s.max_steps), desc="train", unit="step", disable=not main)
     for step in bar:
-        t0, loss_sum, samples = time.perf_counter(), 0.0, 0
-        for _ in range(settings.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            with accelerator.autocast():
-                loss = model(**batch).loss / settings.grad_accum
-            accelerator.backward(loss)
-            loss_sum += loss.item()
-            samples += batch["input_ids"].shape[0]
-        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        record = _step(run, batches)
         done = step + 1
-        record = {"step": done, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": samples * accelerator.num_processes / (time.perf_counter() - t0)}
-        if settings.eval_every and done % settings.eval_every == 0 and done < settings.max_steps:
-            record["eval_accuracy"] = _accuracy(settings, accelerator, model, processor, prompt, dataset)
-            model.train()
-        metrics.add(record)
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if done % settings.checkpoint_every == 0 and done < settings.max_steps and accelerator.is_main_process:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": checkpoints.rng_state(), "step": done}
-            checkpoints.save(run, done, accelerator.unwrap_model(model), state, settings.keep_checkpoints)
-            metrics.flush()
+        record["step"] = done
+        if s.eval_every and done % s.eval_every == 0 and done < s.max_steps:
+            record["eval_accuracy"] = _accuracy(run)
+            run.model.train()
+        run.records.append(record)
+        log.info(json.dumps(record))
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if done % s.checkpoint_every == 0 and done < s.max_steps and main:
+            _checkpoint(run, done)
 
 
-def _accuracy(
-    settings: TrainSettings, accelerator: Accelerator, model: Any, processor: Any, prompt: ClassificationPrompt,
-    dataset: Dataset,
-) -> float:
-    probs = evaluate.predict(model, processor, prompt, dataset.test, settings.eval_batch_size, accelerator.device)
-    return evaluate.report("adapter", dataset.labels, dataset.test, probs).accuracy
+def _step(run: Run, batches: Any) -> dict[str, float]:
+    s, accelerator = run.settings, run.accelerator
+    t0, loss_sum, samples, tokens = time.perf_counter(), 0.0, 0, 0
+    for _ in range(s.grad_accum):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+        with accelerator.autocast():
+            loss = answer_loss(run.model, batch) / s.grad_accum
+        accelerator.backward(loss)
+        loss_sum += loss.item()
+        samples += batch["input_ids"].shape[0]
+        tokens += int(batch["attention_mask"].sum())
+    accelerator.clip_grad_norm_(run.model.parameters(), s.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    world = accelerator.num_processes
+    return {"loss": loss_sum, "lr": run.scheduler.get_last_lr()[0],
+            "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
 
 
-def _finish(
-    settings: TrainSettings, accelerator: Accelerator, model: Any, base: Any, processor: Any,
-    prompt: ClassificationPrompt, dataset: Dataset, metrics: _MetricsLog, start: int,
-) -> TrainResult:
-    out = settings.cache_dir / "adapters" / _slug(settings.output)
-    model = accelerator.unwrap_model(model)
+def _loader(run: Run) -> DataLoader:
+    s, accelerator = run.settings, run.accelerator
+    order = BatchOrder(len(run.dataset.train), s.batch_size, s.seed, run.start * s.grad_accum,
+                       (s.max_steps - run.start) * s.grad_accum)
+    shard = _Shard(order, accelerator.process_index, s.batch_size // accelerator.num_processes)
+    return DataLoader(
+        shard, batch_size=1, collate_fn=Collator(run.dataset.train, run.processor, run.prompt, run.dataset.labels),
+        num_workers=s.num_workers, persistent_workers=s.num_workers > 0, pin_memory=run.device.type == "cuda",
+    )
+
+
+def _accuracy(run: Run) -> float:
+    probs = evaluate.predict(run.model, run.processor, run.prompt, run.dataset.test, run.settings.eval_batch_size,
+                             run.device)
+    return evaluate.report("adapter", run.dataset.labels, run.dataset.test, probs).accuracy
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "rng": checkpoints.rng_state(), "step": step}
+    checkpoints.save(run.storage, step, run.accelerator.unwrap_model(run.model), state, run.settings.keep_checkpoints)
+    _save_records(run)
+
+
+def finish(run: Run) -> TrainResult:
+    s = run.settings
+    out = s.cache_dir / "adapters" / _slug(s.output)
+    model = run.accelerator.unwrap_model(run.model)
     model.save_pretrained(out)
-    probs = evaluate.predict(model, processor, prompt, dataset.test, settings.eval_batch_size, accelerator.device)
-    adapter_report = evaluate.report(f"{settings.name} (LoRA)", dataset.labels, dataset.test, probs)
+    test = run.dataset.test
+    probs = evaluate.predict(model, run.processor, run.prompt, test, s.eval_batch_size, run.device)
+    adapter_report = evaluate.report(f"{s.name} (LoRA)", run.dataset.labels, test, probs)
     with model.disable_adapter():
-        probs = evaluate.predict(model, processor, prompt, dataset.test, settings.eval_batch_size,
-                                 accelerator.device, desc="eval base")
-    base_report = evaluate.report("base model", dataset.labels, dataset.test, probs)
+        probs = evaluate.predict(model, run.processor, run.prompt, test, s.eval_batch_size, run.device, "eval base")
+    base_report = evaluate.report("base model", run.dataset.labels, test, probs)
     evaluate.write(adapter_report, out / "eval")
     evaluate.write(base_report, out / "eval", prefix="base_")
-    metrics.finish(out)
-    (out / "eval" / "data_report.json").write_text(json.dumps({"skipped": dataset.report.skipped}, indent=2))
-    return TrainResult(out, adapter_report, base_report, settings.max_steps, start)
+    (out / "eval" / "data_report.json").write_text(json.dumps({"skipped": run.dataset.report.skipped}, indent=2))
+    _save_records(run)
+    if run.records:
+        from finetune.plots import learning_curve_png
+
+        learning_curve_png(run.records, out / "eval" / "learning_curve.png")
+    if s.tensorboard_dir and run.accelerator.is_main_process:
+        _tensorboard(run.records, s.tensorboard_dir)
+    return TrainResult(out, adapter_report, base_report, run.start)
+
+
+def _load_records(run: Run) -> list[dict[str, float]]:
+    """metrics.jsonl up to the resumed step, so after a resume each step is logged once."""
+    if not run.storage.exists("metrics.jsonl"):
+        return []
+    lines = run.storage.read_bytes("metrics.jsonl").decode().splitlines()
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["step"] <= run.start]
+
+
+def _save_records(run: Run) -> None:
+    # Rewritten whole: GCS has no append, and a few hundred lines cost nothing.
+    if run.accelerator.is_main_process:
+        run.storage.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.records).encode())
+
+
+def _tensorboard(records: list[dict[str, float]], folder: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(folder) as writer:
+        for record in records:
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(key, value, int(record["step"]))
 
 
 def _slug(uri: str) -> str:
     return uri.replace("gs://", "gs_").replace("/", "_").strip("_.")
-
-
-class _MetricsLog:
-    """metrics.jsonl in the run folder, saved with each checkpoint (so after a resume it holds
-    each step once), and TensorBoard when configured."""
-
-    def __init__(self, run: Storage, settings: TrainSettings, enabled: bool, start: int) -> None:
-        self.run, self.enabled = run, enabled
-        self.records: list[dict[str, float]] = []
-        if enabled and run.exists("metrics.jsonl"):
-            text = run.read_bytes("metrics.jsonl").decode()
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-            self.records = [r for r in records if r["step"] <= start]
-        self.tb = None
-        if enabled and settings.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(settings.tensorboard_dir)
-
-    def add(self, record: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.records.append(record)
-        log.info(json.dumps(record))
-        if self.tb:
-            for key, value in record.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, int(record["step"]))
-
-    def flush(self) -> None:
-        # Rewritten whole: GCS has no append, and a few hundred lines cost nothing.
-        if self.enabled:
-            self.run.write_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
-
-    def finish(self, out: Path) -> None:
-        from finetune.plots import learning_curve_png
-
-        self.flush()
-        if self.records:
-            learning_curve_png(self.records, out / "eval" / "learning_curve.png")
-        if self.tb:
-            self.tb.close()

@@ -174,9 +174,11 @@ def fit(run: Run) -> None:
 
 def _step(run: Run, batches: Any) -> dict[str, float]:
     s, accelerator = run.settings, run.accelerator
-    t0, loss_sum, samples, tokens = time.perf_counter(), 0.0, 0, 0
+    t0, loss_sum, samples, tokens, waited = time.perf_counter(), 0.0, 0, 0, 0.0
     for _ in range(s.grad_accum):
+        t_wait = time.perf_counter()
         batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+        waited += time.perf_counter() - t_wait
         with accelerator.autocast():
             loss = answer_loss(run.model, batch) / s.grad_accum
         accelerator.backward(loss)
@@ -190,7 +192,8 @@ def _step(run: Run, batches: Any) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     world = accelerator.num_processes
     return {"loss": loss_sum, "lr": run.scheduler.get_last_lr()[0],
-            "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+            "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds,
+            "data_wait_s": waited}
 
 
 def _loader(run: Run) -> DataLoader:

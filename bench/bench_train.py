@@ -1,0 +1,154 @@
+"""Training throughput: petbreed's training loop against the reference recipe, same model, same
+images, same LoRA, in one run.
+
+  python bench/bench_train.py --model DIR --data DIR [--steps 8] [--batch 16] [--json OUT]
+
+- petbreed: `finetune.train.prepare` + `fit` (the code `petbreed train` runs): batch B, answer-only
+  logits, DataLoader workers doing the image preprocessing.
+- reference: the public recipe's shape: per-device batch 1 x gradient accumulation B (so the same
+  effective batch), padding per sample, full-sequence logits, through Hugging Face's Trainer
+  (TRL's SFTTrainer is a subclass of it and is not installed on the GPU machine).
+MFU counts 4 x N x tokens FLOPs per sample (LoRA on a frozen base: forward + input gradients),
+N = the base's parameters outside embedding tables, against the H200's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.data import Dataset, load_dataset, load_image
+from finetune.model import LoraSettings, add_lora, load_base, load_processor
+from finetune.settings import TrainSettings
+from finetune.train import Collator, fit, prepare
+
+H200_BF16_FLOPS = 989e12
+LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def matmul_params(model: Any) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lora_" not in name)
+
+
+def summarise(name: str, step_seconds: list[float], samples_per_step: int, tokens_per_sample: float,
+              n_params: int) -> dict[str, Any]:
+    seconds = statistics.median(step_seconds)
+    samples_per_s = samples_per_step / seconds
+    mfu = samples_per_s * 4 * n_params * tokens_per_sample / H200_BF16_FLOPS if torch.cuda.is_available() else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"way": name, "samples_per_s": round(samples_per_s, 2),
+            "tokens_per_s": round(samples_per_s * tokens_per_sample), "step_s_median": round(seconds, 3),
+            "mfu": mfu and round(mfu, 3), "peak_memory_gib": peak and round(peak, 1), "steps_timed": len(step_seconds)}
+
+
+def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> dict[str, Any]:
+    settings = TrainSettings(
+        data=args.data, base_model=args.model, output=str(workdir / "run"), cache_dir=workdir / "cache",
+        max_steps=args.warmup + args.steps, eval_every=0, checkpoint_every=10**9, batch_size=args.batch,
+        num_workers=args.workers, lr=5e-5, warmup_steps=0, lora=LoraSettings(r=16, alpha=16, targets=LM_TARGETS),
+    )
+    run = prepare(settings, dataset)
+    n_params = matmul_params(run.model)
+    reset_peak()
+    fit(run)
+    steady = run.records[args.warmup :]
+    step_seconds = [args.batch / r["samples_per_s"] for r in steady]
+    tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in steady)
+    result = summarise("petbreed", step_seconds, args.batch, tokens, n_params)
+    result.update(batch=args.batch, data_wait_s_median=round(statistics.median(r["data_wait_s"] for r in steady), 3))
+    del run
+    free()
+    return result
+
+
+def reference_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> dict[str, Any]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    processor = load_processor(args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = add_lora(load_base(args.model, device), LoraSettings(r=16, alpha=16, targets=LM_TARGETS))
+    n_params = matmul_params(model)
+    collate = Collator(dataset.train, processor, _prompt(processor, dataset), dataset.labels)
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            times.append(time.perf_counter() - self.t0)
+
+    def one_sample(rows: list[int]) -> dict[str, Any]:
+        batch = collate([rows])
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    training_args = TrainingArguments(
+        output_dir=str(workdir / "reference"), per_device_train_batch_size=1, gradient_accumulation_steps=args.batch,
+        max_steps=args.warmup + args.steps, learning_rate=5e-5, bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        logging_steps=1000, save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    reset_peak()
+    Trainer(model=model, args=training_args, train_dataset=list(range(len(dataset.train))),
+            data_collator=one_sample, callbacks=[Clock()]).train()
+    result = summarise("reference", times[args.warmup :], args.batch, statistics.mean(tokens), n_params)
+    del model
+    free()
+    return result
+
+
+def _prompt(processor: Any, dataset: Dataset) -> Any:
+    from adapter_contract.prompt import ClassificationPrompt
+
+    return ClassificationPrompt.build(processor, dataset.labels)
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--extra-batches", default="", help="also time petbreed alone at these batch sizes, e.g. 32,64")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = load_dataset(args.data, Path(tmp) / "cache")
+        load_image(dataset.train[0].path)
+        ours = petbreed_way(args, dataset, Path(tmp))
+        reference = reference_way(args, dataset, Path(tmp))
+        extra = [petbreed_way(argparse.Namespace(**{**vars(args), "batch": int(b)}), dataset, Path(tmp))
+                 for b in filter(None, args.extra_batches.split(","))]
+    result = {"bench": "train", "model": args.model, "effective_batch": args.batch,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "petbreed": ours, "reference": reference,
+              "speedup_samples_per_s": round(ours["samples_per_s"] / reference["samples_per_s"], 2),
+              "petbreed_other_batches": extra}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs petbreed's GPU benchmarks on the lent H200 (no network). From the repo root on the device:
+#   LIMIT=560 bash bench/gpu/device.sh setup model data train [serve]
+# Needs .carry/pkg/{site,tf514}.tar.xz (vLLM 0.24 + transformers 5.14.1, built by
+# ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks).
+# Results and logs go to $OUT; each step is skipped when fewer seconds are left than it needs.
+set -uo pipefail
+T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
+export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+       TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+MODEL=/root/models/e4b DATA=/root/data/pets448
+mkdir -p "$OUT" /root/models /root/data /root/extra
+left() { echo $(( LIMIT - $(date +%s) + T0 )); }
+
+step() {  # step NAME NEED_SECONDS command...
+  local name=$1 need=$2; shift 2
+  if [ "$(left)" -lt "$need" ]; then echo "### SKIP $name ($(left)s left)"; return 0; fi
+  echo "### $name start t=$(( $(date +%s) - T0 ))s"
+  timeout $(( $(left) - 5 )) bash -c "$*" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "### $name rc=$rc t=$(( $(date +%s) - T0 ))s"
+  grep -E '^\{|^ *"|Error|error|Traceback' "$OUT/$name.log" | grep -v Warning | tail -n 40 | cut -c1-300
+  return $rc
+}
+
+for s in "$@"; do
+  case $s in
+    setup) step setup 30 "for f in site:site tf514:tf; do mkdir -p /root/\${f#*:}; \
+             [ -f /root/\${f#*:}/.done ] || { tar -C /root/\${f#*:} -xJf .carry/pkg/\${f%%:*}.tar.xz && touch /root/\${f#*:}/.done; }; done; \
+             for w in .carry/wheels/*.whl; do python3 -m zipfile -e \$w /root/extra; done; \
+             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+             python3 -c 'import torch, transformers, peft, accelerate, vllm; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, vllm.__version__)'" || exit 1 ;;
+    model) [ -f $MODEL/config.json ] || step model 120 "python3 -c 'from pathlib import Path; \
+             from finetune.tiny_model import TinyModelConfig, make_tiny_model; \
+             make_tiny_model(Path(\"$MODEL\"), TinyModelConfig(shape=\"e4b\", device=\"cuda\"))'" || exit 1 ;;
+    data)  step data 60 "python3 -c 'from pathlib import Path; \
+             from finetune.synthetic import SyntheticConfig, make_synthetic_data; \
+             make_synthetic_data(Path(\"$DATA\"), SyntheticConfig(breeds=37, train_per_breed=12, test_per_breed=1, size=448))'" || exit 1 ;;
+    train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
+             --steps ${STEPS:-6} --warmup 2 --workers 12 --extra-batches ${EXTRA:-} --json $OUT/train.json" ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+echo "### done t=$(( $(date +%s) - T0 ))s"

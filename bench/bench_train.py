@@ -15,6 +15,7 @@ N = the base's parameters outside embedding tables, against the H200's dense bf1
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -63,6 +64,7 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
     tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in steady)
     result = summarise("petbreed", step_seconds, args.batch, tokens, n_params)
     result.update(batch=args.batch, data_wait_s_median=round(statistics.median(r["data_wait_s"] for r in steady), 3))
+    run.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer
     del run
     free()
     return result
@@ -118,6 +120,7 @@ def reset_peak() -> None:
 
 
 def free() -> None:
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

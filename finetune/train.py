@@ -27,7 +27,7 @@ from adapter_contract.labels import LabelSet
 from adapter_contract.prompt import ClassificationPrompt
 from adapter_contract.storage import Storage, open_storage
 from finetune import checkpoints, evaluate
-from finetune.data import Dataset, Example, load_image
+from finetune.data import DataError, Dataset, Example, load_image
 from finetune.model import add_lora, load_adapter, load_base, load_processor, pick_device
 from finetune.scoring import answer_loss, training_batch
 from finetune.settings import TrainSettings
@@ -128,6 +128,7 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
         mixed_precision="bf16" if pick_device(settings.device).type == "cuda" else "no",
     )
     storage = open_storage(settings.output)
+    _claim_run_folder(storage, settings)
     processor = load_processor(settings.base_model)
     base = load_base(settings.base_model, accelerator.device)
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
@@ -150,6 +151,17 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     run = Run(settings, dataset, accelerator, storage, processor, prompt, model, optimizer, scheduler, start)
     run.records = _load_records(run)
     return run
+
+
+_RUN_IDENTITY = {"data", "base_model", "parent", "max_steps", "lr", "batch_size", "grad_accum", "seed", "lora"}
+
+
+def _claim_run_folder(storage: Storage, settings: TrainSettings) -> None:
+    """Resuming is only right for the same run: refuse a folder that holds a different one."""
+    identity = settings.model_dump_json(include=_RUN_IDENTITY)
+    if storage.exists("run.json") and storage.read_bytes("run.json").decode() != identity:
+        raise DataError(f"output {settings.output} holds a different training run; choose a new --output")
+    storage.write_bytes("run.json", identity.encode())
 
 
 def fit(run: Run) -> None:

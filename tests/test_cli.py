@@ -39,3 +39,10 @@ def test_bad_setting_value(tmp_path: Path) -> None:
 def test_bucket_that_does_not_exist(synthetic_data: Path) -> None:
     _one_line_error(["train", "--data", str(synthetic_data), "--output", "gs://no-such-bucket-petbreed/run"],
                     "gs://no-such-bucket-petbreed does not exist")
+
+
+def test_output_folder_of_another_run_is_refused(
+    trained_run: dict[str, object], tiny_model: Path, synthetic_data: Path
+) -> None:
+    _one_line_error(["train", "--data", str(synthetic_data), "--base-model", str(tiny_model), "--max-steps", "7",
+                     "--output", str(trained_run["run"])], "holds a different training run")

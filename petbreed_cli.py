@@ -98,6 +98,16 @@ def train(ctx: typer.Context) -> None:
     typer.echo(run_training(settings).model_dump_json(indent=2))
 
 
+@app.command("eval", context_settings=_PASS_THROUGH)
+@friendly
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluate a published adapter and its base on a dataset. Flags: `petbreed eval --help`."""
+    from finetune.eval_job import EvalSettings, run_eval
+
+    settings = EvalSettings(_cli_parse_args=ctx.args, _cli_prog_name="petbreed eval")  # type: ignore[call-arg]
+    typer.echo(run_eval(settings).model_dump_json(indent=2))
+
+
 def main() -> None:
     app(prog_name="petbreed")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,3 @@ def write(report_: EvalReport, folder: Path, prefix: str = "") -> None:
     (folder / f"{prefix}report.json").write_text(report_.model_dump_json(indent=2))
     title = f"{report_.model}: accuracy {report_.accuracy:.3f}, macro-F1 {report_.macro_f1:.3f}"
     confusion_png(report_.confusion, report_.labels, title, folder / f"{prefix}confusion.png")
-
-
-def load(path: Path) -> EvalReport:
-    return EvalReport.model_validate(json.loads(path.read_text()))

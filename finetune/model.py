@@ -78,3 +78,17 @@ def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_published(registry_uri: str, ref: str, base_model: str, cache_dir: Path, device: torch.device) -> Any:
+    """Base model + a registry adapter (downloaded and hash-checked), ready for scoring.
+    Returns (model, processor, manifest)."""
+    from adapter_contract.registry import Registry
+
+    registry = Registry(registry_uri)
+    name, version = registry.resolve(ref)
+    folder = cache_dir / "adapters-published" / f"{name}-{version}"
+    manifest = registry.download(name, version, folder)
+    model_path = resolve_base_model(base_model, cache_dir)
+    model = load_adapter(load_base(model_path, device), folder)
+    return model.eval(), load_processor(model_path), manifest

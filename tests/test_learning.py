@@ -36,3 +36,17 @@ def test_published_manifest_describes_the_adapter(trained_run: dict[str, object]
     assert manifest.metrics["accuracy"] == trained_run["accuracy"]
     assert manifest.base_model.id == str(tiny_model)
     assert {"adapter_model.safetensors", "adapter_config.json", "eval/report.json"} <= set(manifest.files)
+
+
+def test_eval_command_reproduces_the_published_metrics(
+    trained_run: dict[str, object], tiny_model: Path, synthetic_data: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import petbreed, summary
+
+    result = summary(petbreed(
+        "eval", "--data", str(synthetic_data), "--registry", str(trained_run["registry"]), "--adapter", "pets@1",
+        "--base-model", str(tiny_model), "--output", str(tmp_path / "eval"), "--cache-dir", str(tmp_path / "cache"),
+    ))
+    assert result["accuracy"] == trained_run["accuracy"]
+    assert result["base_accuracy"] == trained_run["base_accuracy"]
+    assert (tmp_path / "eval" / "confusion.png").exists()

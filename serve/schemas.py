@@ -47,6 +47,7 @@ class AdapterVersion(BaseModel):
     parent: str | None
     created_at: str
     loaded: bool
+    refused_reason: str | None = Field(None, description="why the server refused this version (loaded is false)")
 
 
 class ModelsResponse(BaseModel):
@@ -65,7 +66,7 @@ class ErrorResponse(BaseModel):
 
 
 class VertexImage(BaseModel):
-    bytesBase64Encoded: str  # noqa: N815 (Vertex AI's field name)
+    bytesBase64Encoded: str  # Vertex AI's field name
 
 
 class VertexInstance(BaseModel):
@@ -84,4 +85,5 @@ class VertexRequest(BaseModel):
 
 class VertexResponse(BaseModel):
     predictions: list[Prediction]
-    deployedModelId: str | None = None  # noqa: N815
+    deployedModelId: str | None = None  # Vertex AI's field name
+    adapter: str | None = Field(None, description="NAME@VERSION that answered")

@@ -4,6 +4,7 @@
 - `synthetic_data`: 6 synthetic breeds, default level (`petbreed make-synthetic-data`).
 - `trained_registry`: a local registry holding `pets@1`, trained by `petbreed train`.
 - `gcs_emulator`: a GCS emulator process; yields a `gs://` bucket URI the real client can use.
+- `api_server`: `petbreed serve` (real vLLM CPU engine) serving `trained_registry`; yields its URL.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,3 +110,55 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+@contextmanager
+def running_server(model: Path, env: dict[str, str], port: int, workdir: Path) -> Iterator[dict[str, object]]:
+    """`python -m serve.cli` (what `petbreed serve` runs) on the tiny model until the block ends.
+    Yields its URL, its log file and the /readyz answers seen while the engine was loading."""
+    log_path = workdir / "server.log"
+    full_env = {
+        **os.environ, "PETBREED_BASE_MODEL": str(model), "PETBREED_CACHE_DIR": str(workdir / "cache"),
+        "PETBREED_HOST": "127.0.0.1", "PETBREED_VLLM__DTYPE": "float32", "PETBREED_VLLM__MAX_MODEL_LEN": "256",
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        loading = _wait_ready(url, proc, log_path)
+        yield {"url": url, "log": log_path, "loading": loading}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 240) -> list[httpx.Response]:
+    seen: list[httpx.Response] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.3)
+            continue
+        if response.status_code == 200:
+            return seen
+        seen.append(response)
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def api_server(trained_registry: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {"PETBREED_REGISTRY": trained_registry, "PETBREED_PORT": str(port)}
+    with running_server(tiny_model, env, port, tmp_path_factory.mktemp("api-server")) as running:
+        yield str(running["url"])

@@ -1,0 +1,301 @@
+"""GPU serving benchmark: petbreed's classifier path against the reference pipeline's way, on
+the same vLLM engine, in one run (H200; runs on CPU with the tiny model for a smoke test).
+
+  python bench/bench_serve_gpu.py engine --model DIR [--soft-tokens 280] --json OUT
+  python bench/bench_serve_gpu.py http   --model DIR --json OUT
+
+- engine: petbreed's engine module in-process (`serve.state.ServerState`, the object `petbreed
+  serve` runs): one image per call, answered with the label distribution. Then, on the same
+  engine and adapter, the reference way: a prompt listing all 37 breed names, greedy free text
+  (8 tokens with ignore_eos standing for a fine-tuned answer, and the 128-token worst case),
+  mapped to a breed by case-insensitive substring, longest name first.
+- http: `petbreed serve` (serve.cli) as a subprocess, driven over loopback by an httpx client
+  posting multipart JPEGs to /v1/predict.
+Every request carries an image never seen before, so no cache flatters the numbers. A 37-breed
+rank-16 LoRA adapter (random weights) is published first with petbreed's own registry code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
+
+
+def photo_like(seed: int, size: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((6, 6, 3)) * 255).astype("uint8")).resize((size, size), Image.BICUBIC)
+    arr = np.asarray(base).astype("int16") + rng.integers(-25, 25, (size, size, 3))
+    return Image.fromarray(arr.clip(0, 255).astype("uint8"))
+
+
+def publish_bench_adapter(model: Path, root: Path) -> str:
+    """A rank-16 LoRA on the language model with a 37-breed manifest, in a fresh local registry."""
+    import torch
+
+    from adapter_contract.labels import LabelSet
+    from adapter_contract.manifest import AdapterManifest, BaseModelRef, config_sha256
+    from adapter_contract.prompt import INSTRUCTION, PROMPT_VERSION, answer_terminator
+    from adapter_contract.registry import Registry
+    from finetune.model import LoraSettings, add_lora, load_base, load_processor
+    from finetune.synthetic import BREEDS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peft = add_lora(load_base(str(model), device), LoraSettings(r=16, alpha=16, targets=LM_TARGETS))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.01)
+    peft.save_pretrained(root / "adapter")
+    del peft
+    manifest = AdapterManifest(
+        name="pets", version=1, labels=LabelSet(labels=BREEDS), prompt_version=PROMPT_VERSION,
+        base_model=BaseModelRef(id=str(model), config_sha256=config_sha256(model / "config.json")),
+        instruction=INSTRUCTION, answer_terminator=answer_terminator(load_processor(str(model))), data_fingerprint="-",
+    )
+    registry = str(root / "registry")
+    Registry(registry).publish(root / "adapter", manifest)
+    return registry
+
+
+async def measure(call: Callable[[int], Awaitable[Any]], concurrency: int, requests: int, first: int) -> dict[str, Any]:
+    """`requests` calls with image seeds first.., `concurrency` at a time; images/s and latency."""
+    latencies: list[float] = []
+    seeds = iter(range(first, first + requests))
+
+    async def worker() -> None:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            await call(seed)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": requests, "images_per_s": round(requests / elapsed, 1),
+            "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1)}
+
+
+def requests_for(concurrency: int, scale: float) -> int:
+    return max(8, int(concurrency * 3 * scale))
+
+
+async def sweep(name: str, call: Callable[[int], Awaitable[Any]], levels: list[int], scale: float,
+                seed0: int) -> list[dict[str, Any]]:
+    await measure(call, min(8, max(levels)), 8, seed0)  # warm-up
+    rows, seed = [], seed0 + 8
+    for level in levels:
+        n = requests_for(level, scale)
+        rows.append({"way": name, **await measure(call, level, n, seed)})
+        seed += n
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
+    from serve.settings import ServeSettings, VllmSettings
+
+    vllm = VllmSettings(dtype=args.dtype, enforce_eager=True, max_model_len=1024, max_loras=1, max_lora_rank=16,
+                        max_num_seqs=256, gpu_memory_utilization=0.85)
+    if args.soft_tokens:
+        vllm = vllm.model_copy(update={"max_soft_tokens": args.soft_tokens})
+    return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
+                         queue_size=4096, max_images=8, vllm=vllm)
+
+
+def reference_prompt(processor: Any, labels: list[str]) -> str:
+    """The public recipe's prompt: the image plus an instruction listing every breed."""
+    instruction = ("Identify the breed of the pet in this image. Answer with exactly one of: "
+                   + ", ".join(labels) + ", or Unknown.")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def parse_reference(text: str, labels: list[str]) -> str:
+    lowered = text.lower()
+    return next((label for label in sorted(labels, key=len, reverse=True) if label.lower() in lowered), "Unknown")
+
+
+async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from serve.engine import lora_request
+    from serve.metrics import Metrics
+    from serve.state import ServerState
+
+    state = ServerState(serve_settings(args, registry, cache), Metrics())
+    t0 = time.perf_counter()
+    await state.start()
+    if not state.ready:
+        raise RuntimeError(state.failed)
+    start_s = time.perf_counter() - t0
+    entry = state.resolve(None)
+    engine = state.engine()
+
+    async def petbreed(seed: int) -> None:
+        await engine.classify([photo_like(seed, size)], entry)
+
+    texts = [label.text for label in entry.manifest.labels.labels]
+    prompt = reference_prompt(state.tables().processor, texts)
+
+    def reference(max_tokens: int) -> Callable[[int], Awaitable[None]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+        async def call(seed: int) -> None:
+            request = {"prompt": prompt, "multi_modal_data": {"image": photo_like(seed, size)}}
+            final = None
+            async for out in engine.engine.generate(request, params, request_id=uuid.uuid4().hex,
+                                                    lora_request=lora_request(entry)):
+                final = out
+            assert final is not None
+            parse_reference(final.outputs[0].text, texts)
+
+        return call
+
+    levels = [int(x) for x in args.levels.split(",")]
+    rows = await sweep("petbreed_engine", petbreed, levels, args.scale, 0)
+    rows += await sweep("reference_8_tokens", reference(8), levels, args.scale, 100_000)
+    rows += await sweep("reference_128_tokens", reference(128), levels[:2] + levels[-1:], args.scale / 2, 200_000)
+    result = {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
+              "ratios": ratios(rows, levels)}
+    await state.stop()
+    return result
+
+
+def ratios(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]:
+    """petbreed against the reference (8-token answer) at concurrency 1 and at the top level."""
+    def row(way: str, level: int) -> dict[str, Any]:
+        return next(r for r in rows if r["way"] == way and r["concurrency"] == level)
+
+    one, top = levels[0], levels[-1]
+    ours, ref = row("petbreed_engine", one), row("reference_8_tokens", one)
+    return {f"p50_latency_speedup_at_{one}": round(ref["p50_ms"] / ours["p50_ms"], 2),
+            f"throughput_speedup_at_{one}": round(ours["images_per_s"] / ref["images_per_s"], 2),
+            f"throughput_speedup_at_{top}": round(row("petbreed_engine", top)["images_per_s"]
+                                                 / row("reference_8_tokens", top)["images_per_s"], 2)}
+
+
+def gpu_memory_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return round(int(out.split()[0]) / 1024, 1)
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+async def http_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PETBREED_BASE_MODEL": str(args.model), "PETBREED_REGISTRY": registry,
+           "PETBREED_CACHE_DIR": str(cache), "PETBREED_HOST": "127.0.0.1", "PETBREED_PORT": str(port),
+           "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
+           "PETBREED_VLLM__ENFORCE_EAGER": "true", "PETBREED_VLLM__MAX_NUM_SEQS": "256",
+           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": "0.85"}
+    if args.soft_tokens:
+        env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(args.soft_tokens)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+            await wait_ready(client, url, proc)
+            start_s = time.perf_counter() - t0
+
+            async def post(seed: int) -> None:
+                buf = io.BytesIO()
+                photo_like(seed, size).save(buf, format="JPEG", quality=90)
+                response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", buf.getvalue())})
+                response.raise_for_status()
+
+            rows = await sweep("petbreed_http", post, [int(x) for x in args.levels.split(",")], args.scale, 300_000)
+        return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+async def wait_ready(client: Any, url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if (await client.get(f"{url}/readyz")).status_code == 200:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(1)
+    raise RuntimeError("server not ready")
+
+
+def compute_bound(model: Path, soft_tokens: int, size: int) -> dict[str, float]:
+    """FLOPs per image from the config: 2 x matmul parameters x tokens, for the vision tower
+    (over its patches) and the language model (over the prompt)."""
+    import torch
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        meta = Gemma4ForConditionalGeneration._from_config(config)
+    counts = {"vision": 0, "text": 0}
+    for name, p in meta.named_parameters():
+        if "embed" not in name:
+            counts["vision" if "vision" in name else "text"] += p.numel()
+    patches = (size // config.vision_config.patch_size) ** 2
+    prompt_tokens = soft_tokens + 25
+    flops = 2 * counts["vision"] * patches + 2 * counts["text"] * prompt_tokens
+    return {"flops_per_image": flops, "bound_images_per_s": round(PEAK_FLOPS / flops, 1),
+            "text_params": counts["text"], "vision_params": counts["vision"], "prompt_tokens": prompt_tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["engine", "http"])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--registry", help="existing registry with pets@1; default: publish a bench adapter")
+    ap.add_argument("--levels", default="1,8,64,256")
+    ap.add_argument("--scale", type=float, default=1.0, help="requests per level = max(8, 3 x level x scale)")
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--soft-tokens", type=int, default=None, help="image token budget (70/140/280)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = args.registry or publish_bench_adapter(args.model, Path(tmp))
+        run = engine_mode if args.mode == "engine" else http_mode
+        result = asyncio.run(run(args, registry, Path(tmp) / "cache", args.image_size))
+    soft = args.soft_tokens or json.loads((args.model / "config.json").read_text())["vision_config"].get(
+        "default_output_length", 280)
+    result.update(mode=args.mode, model=str(args.model), soft_tokens=soft, image_size=args.image_size,
+                  compute_bound=compute_bound(args.model, soft, args.image_size))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

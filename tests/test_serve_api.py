@@ -1,0 +1,437 @@
+"""The prediction API against the real vLLM CPU engine: one server process for the whole module.
+
+The server is `python -m serve.cli` (what `petbreed serve` runs) on the tiny Gemma 4, serving
+`pets@1` trained by `petbreed train`, a second adapter `cats@1`, and `alien@1` whose manifest
+names another base model. Vertex AI's and Cloud Run's variables are set to show they are honoured.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from adapter_contract.labels import LabelSet
+from adapter_contract.manifest import AdapterManifest
+from adapter_contract.registry import Registry
+from finetune.data import load_dataset, load_image
+from finetune.synthetic import BREEDS
+from tests.conftest import free_port, running_server
+
+TOKEN = "test-admin-token"
+MAX_IMAGES = 4
+LIMITS = {"PETBREED_MAX_IMAGES": "4", "PETBREED_QUEUE_SIZE": "4", "PETBREED_MAX_BODY_BYTES": "2000000",
+          "PETBREED_MAX_PIXELS": "1000000"}
+
+
+def random_adapter(tiny_model: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights on every linear layer, vision tower included."""
+    import torch
+
+    from finetune.model import LoraSettings, add_lora, load_base
+
+    torch.manual_seed(seed)
+    model = add_lora(load_base(str(tiny_model), torch.device("cpu")), LoraSettings(r=8, alpha=16))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def publish_like(registry: Registry, template: AdapterManifest, adapter: Path, **update: object) -> AdapterManifest:
+    return registry.publish(adapter, template.model_copy(update=update))
+
+
+@pytest.fixture(scope="module")
+def registry_uri(trained_registry: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A copy of the trained registry, plus a second adapter and one trained on another base."""
+    root = tmp_path_factory.mktemp("serve")
+    uri = str(root / "registry")
+    shutil.copytree(trained_registry, uri)
+    registry = Registry(uri)
+    pets = registry.manifest("pets", 1)
+    cats = random_adapter(tiny_model, root / "cats", seed=1)
+    publish_like(registry, pets, cats, name="cats", labels=LabelSet(labels=BREEDS[2:6]), metrics={})
+    alien_base = pets.base_model.model_copy(update={"id": "google/gemma-4-E4B-it", "config_sha256": "0" * 64})
+    publish_like(registry, pets, random_adapter(tiny_model, root / "alien", seed=2), name="alien",
+                 base_model=alien_base)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(registry_uri: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The real server process. Yields its URL, its log file and what /readyz said while loading."""
+    port = free_port()
+    env = {
+        "PETBREED_REGISTRY": registry_uri, "PETBREED_ADMIN_TOKEN": TOKEN, "PETBREED_POLL_INTERVAL_S": "2",
+        "PETBREED_UNCERTAIN_BELOW": "0.5", "AIP_HTTP_PORT": str(port), "AIP_PREDICT_ROUTE": "/vertex/predict",
+        "AIP_HEALTH_ROUTE": "/vertex/health", "PORT": "1", **LIMITS,
+    }
+    with running_server(tiny_model, env, port, tmp_path_factory.mktemp("serve-api")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: dict) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server["url"], timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def test_images(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Path]]:
+    """One held-out synthetic image per breed: (label id, JPEG path)."""
+    dataset = load_dataset(str(synthetic_data), tmp_path_factory.mktemp("cache"))
+    first: dict[str, Path] = {}
+    for ex in dataset.test:
+        first.setdefault(ex.label, ex.path)
+    return sorted(first.items())
+
+
+def jpeg(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def predict_files(client: httpx.Client, images: list[bytes], **fields: str) -> httpx.Response:
+    files = [("file", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    return client.post("/v1/predict", files=files, data=fields)
+
+
+def full_distribution(prediction: dict) -> dict[str, float]:
+    return {score["label"]: score["probability"] for score in prediction["top_k"]}
+
+
+def assert_same_answers(got: list[dict], expected: list[dict]) -> None:
+    """Equal up to float noise: batch composition changes the order of float additions."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert full_distribution(a) == pytest.approx(full_distribution(b), abs=1e-5)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+# --- readiness, liveness, docs -------------------------------------------------------------------
+
+
+def test_ready_only_once_the_engine_is_loaded(server: dict, client: httpx.Client) -> None:
+    assert server["loading"], "the server should answer /readyz while the engine loads"
+    for response in server["loading"]:
+        assert_error(response, 503, "not_ready")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/vertex/health").status_code == 200  # AIP_HEALTH_ROUTE
+
+
+def test_openapi_documents_every_route(client: httpx.Client) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in ("/v1/predict", "/predict", "/vertex/predict", "/v1/models", "/healthz", "/readyz", "/metrics"):
+        assert route in paths
+    body = paths["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+# --- predictions through every route -------------------------------------------------------------
+
+
+def test_multipart_batch_gives_distributions_that_sum_to_one(
+    client: httpx.Client, test_images: list[tuple[str, Path]]
+) -> None:
+    images = [jpeg(path) for _, path in test_images[:3]]
+    response = predict_files(client, images, adapter="pets@1", top_k="6")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["adapter"] == "pets@1" and len(body["predictions"]) == 3
+    for prediction in body["predictions"]:
+        probs = [s["probability"] for s in prediction["top_k"]]
+        assert len(probs) == 6 and abs(sum(probs) - 1) < 1e-6
+        assert probs == sorted(probs, reverse=True)
+        assert prediction["label"] == prediction["top_k"][0]["label"]
+        assert prediction["confidence"] == probs[0]
+        assert prediction["uncertain"] == (probs[0] < 0.5)
+
+
+def test_every_route_gives_the_same_answer(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    data = jpeg(test_images[0][1])
+    multipart = predict_files(client, [data], adapter="pets@1", top_k="6").json()["predictions"][0]
+    as_json = client.post("/v1/predict", json={"images": [{"b64": b64(data)}], "adapter": "pets@1", "top_k": 6})
+    vertex_body = {"instances": [{"image": {"bytesBase64Encoded": b64(data)}}],
+                   "parameters": {"adapter": "pets@1", "top_k": 6}}
+    answers = [multipart, as_json.json()["predictions"][0]]
+    for route in ("/predict", "/vertex/predict"):  # /predict and AIP_PREDICT_ROUTE
+        response = client.post(route, json=vertex_body)
+        assert response.status_code == 200, response.text
+        assert response.json()["adapter"] == "pets@1"
+        answers.append(response.json()["predictions"][0])
+    for other in answers[1:]:
+        assert full_distribution(other) == pytest.approx(full_distribution(multipart), abs=1e-9)
+
+
+def test_top_k_limits_the_list(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    response = predict_files(client, [jpeg(test_images[0][1])], adapter="pets@1", top_k="2")
+    assert len(response.json()["predictions"][0]["top_k"]) == 2
+    many = predict_files(client, [jpeg(test_images[0][1])], adapter="pets@1", top_k="100")
+    assert len(many.json()["predictions"][0]["top_k"]) == 6  # never more than the label set
+
+
+def test_default_adapter_is_the_newest_pets(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    response = predict_files(client, [jpeg(test_images[0][1])])
+    newest = max(a["version"] for a in client.get("/v1/models").json()["adapters"] if a["name"] == "pets")
+    assert response.json()["adapter"] == f"pets@{newest}"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF", "BMP"])
+def test_other_accepted_formats(client: httpx.Client, test_images: list[tuple[str, Path]], fmt: str) -> None:
+    buf = io.BytesIO()
+    load_image(test_images[0][1]).save(buf, format=fmt)
+    response = predict_files(client, [buf.getvalue()], adapter="pets@1")
+    assert response.status_code == 200, response.text
+
+
+# --- parity with transformers + PEFT -------------------------------------------------------------
+
+
+def test_parity_with_transformers_peft(
+    client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    import torch
+
+    from adapter_contract.prompt import ClassificationPrompt
+    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.scoring import label_distributions
+
+    registry = Registry(registry_uri)
+    manifest = registry.download("pets", 1, tmp_path / "pets1")
+    processor = load_processor(str(tiny_model))
+    prompt = ClassificationPrompt.build(processor, manifest.labels)
+    model = load_adapter(load_base(str(tiny_model), torch.device("cpu")), tmp_path / "pets1").eval()
+    paths = [path for _, path in test_images]
+    reference = label_distributions(model, processor, prompt, [load_image(p) for p in paths], torch.device("cpu"))
+
+    served = predict_files(client, [jpeg(p) for p in paths[:4]], adapter="pets@1", top_k="6").json()["predictions"]
+    served += predict_files(client, [jpeg(p) for p in paths[4:]], adapter="pets@1", top_k="6").json()["predictions"]
+    assert len(served) == len(reference) == 6
+    for prediction, ref in zip(served, reference, strict=True):
+        expected = dict(zip(manifest.labels.ids, ref, strict=True))
+        assert prediction["label"] == max(expected, key=expected.__getitem__)
+        assert full_distribution(prediction) == pytest.approx(expected, abs=1e-4)
+    # The trained adapter is accurate on held-out images, through the server too.
+    correct = sum(p["label"] == label for p, (label, _) in zip(served, test_images, strict=True))
+    assert correct >= 5
+
+
+# --- adapters: side by side, refusal, hot reload -------------------------------------------------
+
+
+def test_two_adapters_side_by_side(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    data = jpeg(test_images[0][1])
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(predict_files, client, [data], adapter=ref, top_k="10") for ref in ["pets@1", "cats"] * 2]
+        answers = [job.result() for job in jobs]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    pets, cats = answers[0].json(), answers[1].json()
+    assert cats["adapter"] == "cats@1"
+    assert set(full_distribution(pets["predictions"][0])) == {b.id for b in BREEDS[:6]}
+    assert set(full_distribution(cats["predictions"][0])) == {b.id for b in BREEDS[2:6]}
+    assert sum(full_distribution(cats["predictions"][0]).values()) == pytest.approx(1, abs=1e-6)
+    assert_same_answers(answers[2].json()["predictions"], pets["predictions"])  # deterministic, batched or not
+    assert_same_answers(answers[3].json()["predictions"], cats["predictions"])
+
+
+def test_models_lists_adapters_and_the_refused_one(client: httpx.Client, registry_uri: str) -> None:
+    models = client.get("/v1/models").json()
+    by_ref = {a["ref"]: a for a in models["adapters"]}
+    assert by_ref["pets@1"]["loaded"] and by_ref["cats@1"]["loaded"]
+    assert by_ref["pets@1"]["metrics"]["accuracy"] >= 0.85
+    assert [x["label"] for x in by_ref["pets@1"]["labels"]] == Registry(registry_uri).manifest("pets", 1).labels.ids
+    alien = by_ref["alien@1"]
+    assert not alien["loaded"] and "config sha256" in alien["refused_reason"]
+    assert models["default_adapter"].startswith("pets@")
+
+
+def test_mismatched_adapter_is_refused_with_a_clear_error(client: httpx.Client, server: dict) -> None:
+    data = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(data, format="PNG")
+    error = assert_error(predict_files(client, [data.getvalue()], adapter="alien"), 404, "adapter_refused")
+    assert "google/gemma-4-E4B-it" in error["message"] and "config sha256" in error["message"]
+    logs = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith('{"time"')]
+    assert any(r["message"] == "adapter refused" and r.get("adapter") == "alien@1" for r in logs)
+
+
+def test_admin_reload_serves_a_new_version_without_restart(
+    client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    registry = Registry(registry_uri)
+    v1 = registry.manifest("pets", 1)
+    published = publish_like(registry, v1, random_adapter(tiny_model, tmp_path / "v2", seed=3), metrics={})
+    assert_error(client.post("/v1/admin/reload"), 401, "unauthorized")
+    assert_error(client.post("/v1/admin/reload", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    reloaded = client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert reloaded.status_code == 200 and published.ref in reloaded.json()["added"], reloaded.text
+    data = jpeg(test_images[0][1])
+    newest = predict_files(client, [data], top_k="6").json()
+    old = predict_files(client, [data], adapter="pets@1", top_k="6").json()
+    assert newest["adapter"] == published.ref and old["adapter"] == "pets@1"  # both versions served
+    assert full_distribution(newest["predictions"][0]) != pytest.approx(full_distribution(old["predictions"][0]))
+
+
+def test_polling_picks_up_a_new_version(
+    client: httpx.Client, registry_uri: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    registry = Registry(registry_uri)
+    published = publish_like(
+        registry, registry.manifest("pets", 1), random_adapter(tiny_model, tmp_path / "v", seed=4), metrics={}
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        refs = {a["ref"]: a["loaded"] for a in client.get("/v1/models").json()["adapters"]}
+        if refs.get(published.ref):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"{published.ref} not picked up by polling")
+
+
+def test_in_flight_requests_finish_on_their_version(
+    client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """A request racing a new version's arrival answers wholly from one version: the one it started on.
+    The new version has a different label set, so any mixing would show."""
+    registry = Registry(registry_uri)
+    adapter = random_adapter(tiny_model, tmp_path / "v", seed=5)
+    images = [jpeg(path) for _, path in test_images[:MAX_IMAGES]]
+    before = registry.resolve("pets")
+    with ThreadPoolExecutor(2) as pool:
+        racing = pool.submit(predict_files, client, images, top_k="10")
+        published = publish_like(registry, registry.manifest("pets", 1), adapter,
+                                 labels=LabelSet(labels=BREEDS[:7]), metrics={})
+        client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        answer = racing.result().json()
+    assert answer["adapter"] in {f"pets@{before[1]}", published.ref}
+    again = predict_files(client, images, adapter=answer["adapter"], top_k="10").json()
+    assert_same_answers(again["predictions"], answer["predictions"])
+    assert predict_files(client, images[:1]).json()["adapter"] == published.ref
+
+
+# --- every bad input answered with the right status ----------------------------------------------
+
+
+def _noise_jpeg(size: int = 200) -> bytes:
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (size, size), random.Random(0).randbytes(size * size * 3)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "code"),
+    [
+        (lambda: b"this is a text file, not a photo", 400, "invalid_image"),
+        (lambda: _noise_jpeg()[:3000], 400, "invalid_image"),
+        (lambda: _encoded(Image.new("L", (2000, 2000)), "PNG"), 413, "image_too_large"),
+        (lambda: _encoded(Image.new("RGB", (32, 32)), "TIFF"), 415, "unsupported_format"),
+    ],
+    ids=["non-image", "truncated", "decompression-bomb", "tiff"],
+)
+def test_bad_images(client: httpx.Client, make: object, status: int, code: str) -> None:
+    data = make()  # type: ignore[operator]
+    assert_error(predict_files(client, [data], adapter="pets@1"), status, code)
+    body = {"instances": [{"image": {"bytesBase64Encoded": b64(data)}}]}
+    assert_error(client.post("/predict", json=body), status, code)
+
+
+def test_body_over_the_limit(client: httpx.Client) -> None:
+    big = random.Random(1).randbytes(2_500_000)
+    assert_error(predict_files(client, [big]), 413, "body_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while streaming
+        for _ in range(30):
+            yield b"x" * 100_000
+
+    streamed = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(streamed, 413, "body_too_large")
+
+
+def test_request_errors(client: httpx.Client) -> None:
+    png = _encoded(Image.new("RGB", (32, 32), "blue"), "PNG")
+    assert_error(predict_files(client, [png] * (MAX_IMAGES + 1)), 422, "too_many_images")
+    assert_error(predict_files(client, [png], adapter="no-such-adapter"), 404, "unknown_adapter")
+    assert_error(predict_files(client, [png], adapter="pets@99"), 404, "unknown_adapter")
+    assert_error(predict_files(client, [png], adapter="pets@x"), 404, "unknown_adapter")
+    assert_error(predict_files(client, [png], top_k="0"), 422, "invalid_request")
+    no_file = client.post("/v1/predict", files=[("adapter", (None, "pets"))])
+    assert_error(no_file, 422, "invalid_request")
+    assert_error(client.post("/v1/predict", json={"images": [{"b64": "%%%not-base64"}]}), 400, "invalid_base64")
+    assert_error(client.post("/v1/predict", json={"images": [{"b64": b64(png)}], "top_k": 0}), 422, "invalid_request")
+    assert_error(client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}),
+                 422, "invalid_request")
+    assert_error(client.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"}),
+                 415, "unsupported_media_type")
+    assert_error(client.post("/predict", json={"instances": [{"image": {"bytesBase64Encoded": "@@"}}]}),
+                 400, "invalid_base64")
+    assert_error(client.post("/predict", json={"instances": []}), 422, "invalid_request")
+    assert_error(client.post("/predict", json={"wrong": 1}), 422, "invalid_request")
+    assert_error(client.get("/no/such/route"), 404, "not_found")
+    assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
+    assert client.get("/readyz").status_code == 200  # nothing above hurt the server
+
+
+def test_queue_full_answers_429_with_retry_after(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    images = [jpeg(path) for _, path in test_images[:MAX_IMAGES]]  # one request fills the queue (4)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: predict_files(client, images, adapter="pets@1"), range(12)))
+    statuses = [a.status_code for a in answers]
+    assert 200 in statuses and 429 in statuses, statuses
+    assert set(statuses) <= {200, 429}
+    for answer in answers:
+        if answer.status_code == 429:
+            assert_error(answer, 429, "queue_full")
+            assert int(answer.headers["retry-after"]) >= 1
+
+
+# --- observability -------------------------------------------------------------------------------
+
+
+def test_metrics(client: httpx.Client) -> None:
+    text = client.get("/metrics").text
+    assert 'petbreed_http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
+    assert 'petbreed_http_requests_total{method="POST",route="/v1/predict",status="429"}' in text
+    assert 'petbreed_http_request_duration_seconds_bucket{le="0.1",route="/v1/predict"}' in text
+    assert 'petbreed_predictions_total{adapter="pets@1"}' in text
+    assert 'petbreed_predictions_total{adapter="cats@1"}' in text
+    assert "petbreed_queue_depth 0.0" in text
+    assert 'petbreed_adapters{state="refused"} 1.0' in text
+
+
+def test_logs_are_json_lines(server: dict) -> None:
+    ours = [line for line in server["log"].read_text().splitlines() if '"petbreed.serve' in line]
+    records = [json.loads(line) for line in ours]
+    access = [r for r in records if r["logger"] == "petbreed.serve.access" and r["route"] == "/v1/predict"]
+    assert access and {"request_id", "status", "latency_ms", "severity", "time"} <= set(access[-1])
+    assert any(r.get("adapter") == "pets@1" and r.get("images") for r in access)

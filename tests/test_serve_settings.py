@@ -1,0 +1,41 @@
+"""Serving settings: PETBREED_* variables, and the platform variables of Cloud Run and Vertex AI."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve.settings import ServeSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PORT", "AIP_HTTP_PORT", "AIP_PREDICT_ROUTE", "AIP_HEALTH_ROUTE", "PETBREED_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_port_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServeSettings().port == 8080
+    monkeypatch.setenv("PORT", "9001")  # Cloud Run
+    assert ServeSettings().port == 9001
+    monkeypatch.setenv("AIP_HTTP_PORT", "9002")  # Vertex AI
+    assert ServeSettings().port == 9002
+    monkeypatch.setenv("PETBREED_PORT", "9003")  # ours, explicit, wins
+    assert ServeSettings().port == 9003
+    assert ServeSettings(port=9004).port == 9004
+
+
+def test_vertex_routes_and_nested_vllm_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIP_PREDICT_ROUTE", "/v1/endpoints/1/deployedModels/2:predict")
+    monkeypatch.setenv("AIP_HEALTH_ROUTE", "/health")
+    monkeypatch.setenv("PETBREED_VLLM__MAX_MODEL_LEN", "256")
+    monkeypatch.setenv("PETBREED_ADMIN_TOKEN", "s3cret")
+    s = ServeSettings()
+    assert (s.predict_route, s.health_route) == ("/v1/endpoints/1/deployedModels/2:predict", "/health")
+    assert s.vllm.max_model_len == 256
+    assert s.admin_token is not None and "s3cret" not in repr(s)
+
+
+def test_a_request_at_the_image_limit_must_fit_the_queue() -> None:
+    with pytest.raises(ValidationError, match="queue_size"):
+        ServeSettings(max_images=8, queue_size=4)

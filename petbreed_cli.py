@@ -108,6 +108,26 @@ def evaluate(ctx: typer.Context) -> None:
     typer.echo(run_eval(settings).model_dump_json(indent=2))
 
 
+@app.command("batch-predict", context_settings=_PASS_THROUGH)
+@friendly
+def batch_predict(ctx: typer.Context) -> None:
+    """Label a list of images with an adapter, sharded over Cloud Run job tasks. Flags: `--help`."""
+    from finetune.batch_predict import BatchPredictSettings, run_batch_predict
+
+    settings = BatchPredictSettings(_cli_parse_args=ctx.args, _cli_prog_name="petbreed batch-predict")  # type: ignore[call-arg]
+    typer.echo(run_batch_predict(settings).model_dump_json(indent=2))
+
+
+def _register_servers() -> None:
+    # Their modules import only typer at the top; uvicorn, vLLM and Gradio load when run.
+    from serve.cli import serve
+
+    app.command("serve")(serve)
+
+
+_register_servers()
+
+
 def main() -> None:
     app(prog_name="petbreed")
 

@@ -36,7 +36,7 @@ for s in "$@"; do
              from finetune.synthetic import SyntheticConfig, make_synthetic_data; \
              make_synthetic_data(Path(\"$DATA\"), SyntheticConfig(breeds=37, train_per_breed=12, test_per_breed=1, size=448))'" || exit 1 ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
-             --steps ${STEPS:-6} --warmup 2 --workers 12 --extra-batches ${EXTRA:-} --json $OUT/train.json" ;;
+             --steps ${STEPS:-6} --warmup 2 --workers 8 --extra-batches ${EXTRA:-} --json $OUT/train.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -121,8 +121,10 @@ def batch_predict(ctx: typer.Context) -> None:
 def _register_servers() -> None:
     # Their modules import only typer at the top; uvicorn, vLLM and Gradio load when run.
     from serve.cli import serve
+    from ui.cli import ui
 
     app.command("serve")(serve)
+    app.command("ui")(ui)
 
 
 _register_servers()

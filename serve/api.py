@@ -6,7 +6,9 @@ Images arrive only as bytes (multipart upload or base64); no route ever fetches 
 from __future__ import annotations
 
 import hmac
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -143,6 +145,30 @@ async def models(server: ServerState = Depends(state)) -> ModelsResponse:  # noq
         base_model=server.settings.base_model, default_adapter=table.default_ref(),
         adapters=sorted([*served, *refused], key=lambda a: (a.name, a.version)),
     )
+
+
+@models_router.get("/v1/models/{name}/{version}/report", responses=ERRORS)
+async def report(name: str, version: int, server: ServerState = Depends(state)) -> JSONResponse:  # noqa: B008
+    """The version's evaluation report from training (accuracy, macro-F1, per class, confusion)."""
+    return JSONResponse(json.loads(_eval_file(server, name, version, "report.json").read_text()))
+
+
+@models_router.get(
+    "/v1/models/{name}/{version}/confusion.png", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
+async def confusion(name: str, version: int, server: ServerState = Depends(state)) -> Response:  # noqa: B008
+    """The version's confusion matrix, as plotted at the end of training."""
+    return Response(_eval_file(server, name, version, "confusion.png").read_bytes(), media_type="image/png")
+
+
+def _eval_file(server: ServerState, name: str, version: int, file: str) -> Path:
+    # `file` is one of two constants, never client input, so no path can escape the adapter folder.
+    entry = server.resolve(f"{name}@{version}")
+    path = entry.path / "eval" / file
+    if not path.is_file():
+        raise ApiError(404, "no_report", f"adapter {entry.ref} was published without eval/{file}")
+    return path
 
 
 def _version(manifest: Any, loaded: bool, reason: str | None = None) -> AdapterVersion:

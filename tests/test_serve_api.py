@@ -435,3 +435,17 @@ def test_logs_are_json_lines(server: dict) -> None:
     access = [r for r in records if r["logger"] == "petbreed.serve.access" and r["route"] == "/v1/predict"]
     assert access and {"request_id", "status", "latency_ms", "severity", "time"} <= set(access[-1])
     assert any(r.get("adapter") == "pets@1" and r.get("images") for r in access)
+
+
+def test_evaluation_report_and_confusion_matrix_of_a_version(client: httpx.Client) -> None:
+    report = client.get("/v1/models/pets/1/report")
+    assert report.status_code == 200
+    models = {a["ref"]: a for a in client.get("/v1/models").json()["adapters"]}
+    assert report.json()["accuracy"] == models["pets@1"]["metrics"]["accuracy"]
+    assert len(report.json()["confusion"]) == len(models["pets@1"]["labels"])
+    png = client.get("/v1/models/pets/1/confusion.png")
+    assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    missing = client.get("/v1/models/pets/99/report")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_adapter"
+    without = client.get("/v1/models/cats/1/report")
+    assert without.status_code == 404 and without.json()["error"]["code"] == "no_report"

@@ -78,18 +78,9 @@ def publish_bench_adapter(model: Path, root: Path) -> str:
 
 async def measure(call: Callable[[int], Awaitable[Any]], concurrency: int, requests: int, first: int) -> dict[str, Any]:
     """`requests` calls with image seeds first.., `concurrency` at a time; images/s and latency."""
-    latencies: list[float] = []
-    seeds = iter(range(first, first + requests))
+    from bench.bench_serve import bounded_loop
 
-    async def worker() -> None:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            await call(seed)
-            latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
+    elapsed, latencies = await bounded_loop(call, range(first, first + requests), concurrency)
     latencies.sort()
     return {"concurrency": concurrency, "requests": requests, "images_per_s": round(requests / elapsed, 1),
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
@@ -208,7 +199,7 @@ def gpu_memory_gib() -> float | None:
 async def http_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
     import httpx
 
-    from tests.conftest import free_port
+    from bench.bench_serve import free_port
 
     port = free_port()
     env = {**os.environ, "PETBREED_BASE_MODEL": str(args.model), "PETBREED_REGISTRY": registry,

@@ -31,14 +31,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (DataError, StorageError, ValidationError, FileNotFoundError, NotADirectoryError)
 
 
+def _one_line(err: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    return " ".join(str(err).split())
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except _user_errors() as err:
-            message = " ".join(str(err).split())
-            typer.echo(f"petbreed: error: {message}", err=True)
+            typer.echo(f"petbreed: error: {_one_line(err)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

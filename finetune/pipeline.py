@@ -19,6 +19,7 @@ class RunSummary(BaseModel):
     macro_f1: float
     base_accuracy: float
     resumed_from_step: int
+    task_attempt: int
     skipped_images: int
     adapter_dir: str
     published: str | None = None
@@ -37,6 +38,7 @@ def run_training(settings: TrainSettings) -> RunSummary:
     summary = RunSummary(
         accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
         base_accuracy=result.base_report.accuracy, resumed_from_step=result.resumed_from,
+        task_attempt=settings.task_attempt,
         skipped_images=len(dataset.report.skipped), adapter_dir=str(result.adapter_dir),
     )
     if plan:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finetune.model import LoraSettings
@@ -52,6 +52,18 @@ class TrainSettings(BaseSettings):
     seed: int = 0
     device: str = "auto"
 
+    # A Cloud Run Job retries a preempted task with the same index and a higher attempt; the
+    # attempt is reported, and resuming comes from the checkpoints in `output`, whatever it is.
     task_index: int = Field(0, validation_alias=AliasChoices("CLOUD_RUN_TASK_INDEX", "PETBREED_TASK_INDEX"))
     task_count: int = Field(1, validation_alias=AliasChoices("CLOUD_RUN_TASK_COUNT", "PETBREED_TASK_COUNT"))
     task_attempt: int = Field(0, validation_alias=AliasChoices("CLOUD_RUN_TASK_ATTEMPT", "PETBREED_TASK_ATTEMPT"))
+
+    @field_validator("task_count")
+    @classmethod
+    def _one_task(cls, count: int) -> int:
+        if count != 1:
+            raise ValueError(
+                "training runs as one Cloud Run task (several GPUs: accelerate launch); "
+                "shard batch prediction with `petbreed batch-predict` instead"
+            )
+        return count

@@ -17,6 +17,7 @@ from adapter_contract.storage import open_storage
 from tests.conftest import BIN, petbreed, summary
 
 STEPS, EVERY = 60, 20
+TASK = {"CLOUD_RUN_TASK_INDEX": "0", "CLOUD_RUN_TASK_COUNT": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _args(data: Path, model: Path, output: str, registry: str, cache: Path) -> l
 
 def _kill_after_checkpoint(args: list[str], output: str, step: int) -> None:
     proc = subprocess.Popen([str(BIN / "petbreed"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "CLOUD_RUN_TASK_ATTEMPT": "0"})
+                            env={**os.environ, **TASK, "CLOUD_RUN_TASK_ATTEMPT": "0"})
     marker = f"checkpoints/step-{step:06d}/COMPLETE"
     deadline = time.monotonic() + 300
     while not open_storage(output).exists(marker):
@@ -55,9 +56,10 @@ def test_killed_job_resumes_from_its_checkpoint(
     _kill_after_checkpoint(args, output, EVERY)
     assert Registry(registry).index().adapters == {}, "a killed run must not publish"
 
-    result = petbreed(*args, env={"CLOUD_RUN_TASK_ATTEMPT": "1"})
+    result = petbreed(*args, env={**TASK, "CLOUD_RUN_TASK_ATTEMPT": "1"})
     run = summary(result)
     assert int(str(run["resumed_from_step"])) >= EVERY
+    assert run["task_attempt"] == 1
     lines = open_storage(output).read_bytes("metrics.jsonl").decode().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == list(range(1, STEPS + 1)), "each step is logged exactly once across the two attempts"

@@ -60,7 +60,7 @@ def load_base(model_path: str, device: torch.device) -> Any:
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    model: Any = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
     return model.to(device)
 
 

@@ -34,7 +34,7 @@ def run_training(settings: TrainSettings) -> RunSummary:
     plan = retrain.plan(settings, dataset) if settings.parent else None
     if plan:
         dataset = plan.dataset
-    result = train(settings.model_copy(update={"base_model": model_path}), dataset, plan and plan.parent_dir)
+    result = train(settings.model_copy(update={"base_model": model_path}), dataset, plan.parent_dir if plan else None)
     summary = RunSummary(
         accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
         base_accuracy=result.base_report.accuracy, resumed_from_step=result.resumed_from,

@@ -111,7 +111,9 @@ def build_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     while len(vocab) < vocab_size:
         vocab.setdefault(next(filler), len(vocab))
     tokenizer = GemmaTokenizer(
-        vocab=vocab, merges=merges, image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>",
+        # Pairs are what the BPE model takes; the annotation only names the "a b" string form.
+        vocab=vocab, merges=merges,  # type: ignore[arg-type]
+        image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>",
         audio_token="<|audio|>", boa_token="<|audio>", eoa_token="<audio|>",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[5:]})
@@ -133,7 +135,9 @@ def _gemma4_config(cfg: TinyModelConfig, tokenizer):  # type: ignore[no-untyped-
         text_config=text, vision_config=vision, audio_config=None, initializer_range=cfg.std,
         image_token_id=ids("<|image|>"), boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
         video_token_id=ids("<|video|>"), audio_token_id=ids("<|audio|>"), boa_token_id=ids("<|audio>"),
-        eoa_token_index=ids("<audio|>"), eos_token_id=[tokenizer.eos_token_id, ids("<turn|>")],
+        eoa_token_index=ids("<audio|>"),
+        # Generation stops at the end of a turn as well, as with the released checkpoints.
+        eos_token_id=[tokenizer.eos_token_id, ids("<turn|>")],  # type: ignore[call-arg]
     )
     config.architectures = ["Gemma4ForConditionalGeneration"]
     return config

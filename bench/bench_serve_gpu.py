@@ -128,18 +128,25 @@ def parse_reference(text: str, labels: list[str]) -> str:
 
 
 async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
-    from vllm import SamplingParams
-
-    from serve.engine import lora_request
     from serve.metrics import Metrics
     from serve.state import ServerState
 
     state = ServerState(serve_settings(args, registry, cache), Metrics())
     t0 = time.perf_counter()
     await state.start()
-    if not state.ready:
-        raise RuntimeError(state.failed)
-    start_s = time.perf_counter() - t0
+    try:
+        if not state.ready:
+            raise RuntimeError(state.failed)
+        return await engine_sweeps(args, state, size, time.perf_counter() - t0)
+    finally:
+        await state.stop()  # the engine core is a child process: never leave it behind
+
+
+async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s: float) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from serve.engine import lora_request
+
     entry = state.resolve(None)
     engine = state.engine()
 
@@ -168,10 +175,8 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, size
     rows += await sweep("reference_8_tokens", reference(8), levels, args.scale, 100_000)
     worst_levels = sorted({*levels[:2], levels[-1]})
     rows += await sweep("reference_128_tokens", reference(128), worst_levels, args.scale / 2, 200_000)
-    result = {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
-              "ratios": ratios(rows, levels)}
-    await state.stop()
-    return result
+    return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
+            "ratios": ratios(rows, levels)}
 
 
 def ratios(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]:

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
 from adapter_contract.storage import Storage, StorageError, is_gcs, join, open_storage
-from finetune.data import DataError
+from finetune.data import DataError, load_image
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SHARDS_DIR = "shards"
@@ -149,9 +149,7 @@ def read_image(path: str) -> Image.Image:
         data = _bucket(bucket).read_bytes(key)
     else:
         data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+    return load_image(io.BytesIO(data))
 
 
 # ---------------------------------------------------------------- scoring

@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -62,9 +63,9 @@ class Dataset:
         return digest.hexdigest()[:16]
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(source: Path | IO[bytes]) -> Image.Image:
     """Decode fully, apply EXIF orientation, and return RGB (any mode, alpha, CMYK or palette)."""
-    with Image.open(path) as img:
+    with Image.open(source) as img:
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")
 

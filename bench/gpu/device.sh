@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs petbreed's GPU benchmarks on the lent H200 (no network). From the repo root on the device:
-#   LIMIT=560 bash bench/gpu/device.sh setup model data train [serve]
+#   LIMIT=560 bash bench/gpu/device.sh setup model data train
+#   LIMIT=560 bash bench/gpu/device.sh setup tiny serve-smoke model serve-engine serve-http
 # Needs .carry/pkg/{site,tf514}.tar.xz (vLLM 0.24 + transformers 5.14.1, built by
 # ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks).
 # Results and logs go to $OUT; each step is skipped when fewer seconds are left than it needs.
@@ -35,6 +36,15 @@ for s in "$@"; do
     data)  step data 60 "python3 -c 'from pathlib import Path; \
              from finetune.synthetic import SyntheticConfig, make_synthetic_data; \
              make_synthetic_data(Path(\"$DATA\"), SyntheticConfig(breeds=37, train_per_breed=12, test_per_breed=1, size=448))'" || exit 1 ;;
+    tiny)  [ -f /root/models/tiny/config.json ] || step tiny 30 "python3 -c 'from pathlib import Path; \
+             from finetune.tiny_model import TinyModelConfig, make_tiny_model; \
+             make_tiny_model(Path(\"/root/models/tiny\"), TinyModelConfig())'" || exit 1 ;;
+    serve-smoke) step serve-smoke 120 "timeout 240 python3 bench/bench_serve_gpu.py engine --model /root/models/tiny \
+             --levels 1,8 --scale 0.3 --image-size 96 --json $OUT/serve_smoke.json" || exit 1 ;;
+    serve-engine) step serve-engine 240 "python3 bench/bench_serve_gpu.py engine --model $MODEL \
+             --soft-tokens ${SOFT:-280} --json $OUT/serve_engine.json" ;;
+    serve-http) step serve-http 200 "python3 bench/bench_serve_gpu.py http --model $MODEL \
+             --soft-tokens ${SOFT:-280} --json $OUT/serve_http.json" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
              --steps ${STEPS:-6} --warmup 2 --workers 8 --extra-batches ${EXTRA:-} --json $OUT/train.json" ;;
     *) echo "unknown step $s"; exit 2 ;;

@@ -35,29 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def make_tiny_registry(root: Path) -> tuple[str, str]:
     """Tiny Gemma 4 + one random all-linear LoRA adapter `pets@1` (6 breeds)."""
-    import torch
-
     from adapter_contract.labels import LabelSet
-    from adapter_contract.manifest import AdapterManifest, BaseModelRef, config_sha256
-    from adapter_contract.prompt import INSTRUCTION, PROMPT_VERSION, answer_terminator
-    from adapter_contract.registry import Registry
-    from finetune.model import LoraSettings, add_lora, load_base, load_processor
+    from finetune.model import LoraSettings
     from finetune.synthetic import BREEDS
-    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model, publish_random_adapter
 
     model = make_tiny_model(root / "tiny-gemma4", TinyModelConfig())
-    torch.manual_seed(0)
-    peft = add_lora(load_base(str(model), torch.device("cpu")), LoraSettings())
-    for name, param in peft.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
-    peft.save_pretrained(root / "adapter")
-    manifest = AdapterManifest(
-        name="pets", version=1, labels=LabelSet(labels=BREEDS[:6]), prompt_version=PROMPT_VERSION,
-        base_model=BaseModelRef(id=str(model), config_sha256=config_sha256(model / "config.json")),
-        instruction=INSTRUCTION, answer_terminator=answer_terminator(load_processor(str(model))), data_fingerprint="-",
-    )
-    Registry(str(root / "registry")).publish(root / "adapter", manifest)
+    publish_random_adapter(model, str(root / "registry"), LabelSet(labels=BREEDS[:6]), LoraSettings(), std=0.3)
     return str(model), str(root / "registry")
 
 

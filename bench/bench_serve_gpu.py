@@ -50,29 +50,14 @@ def photo_like(seed: int, size: int) -> Image.Image:
 
 def publish_bench_adapter(model: Path, root: Path) -> str:
     """A rank-16 LoRA on the language model with a 37-breed manifest, in a fresh local registry."""
-    import torch
-
     from adapter_contract.labels import LabelSet
-    from adapter_contract.manifest import AdapterManifest, BaseModelRef, config_sha256
-    from adapter_contract.prompt import INSTRUCTION, PROMPT_VERSION, answer_terminator
-    from adapter_contract.registry import Registry
-    from finetune.model import LoraSettings, add_lora, load_base, load_processor
+    from finetune.model import LoraSettings
     from finetune.synthetic import BREEDS
+    from finetune.tiny_model import publish_random_adapter
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peft = add_lora(load_base(str(model), device), LoraSettings(r=16, alpha=16, targets=LM_TARGETS))
-    for name, param in peft.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.01)
-    peft.save_pretrained(root / "adapter")
-    del peft
-    manifest = AdapterManifest(
-        name="pets", version=1, labels=LabelSet(labels=BREEDS), prompt_version=PROMPT_VERSION,
-        base_model=BaseModelRef(id=str(model), config_sha256=config_sha256(model / "config.json")),
-        instruction=INSTRUCTION, answer_terminator=answer_terminator(load_processor(str(model))), data_fingerprint="-",
-    )
     registry = str(root / "registry")
-    Registry(registry).publish(root / "adapter", manifest)
+    lora = LoraSettings(r=16, alpha=16, targets=LM_TARGETS)
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS), lora, std=0.01)
     return registry
 
 

@@ -9,13 +9,16 @@ the embedding decodes.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
 
+from adapter_contract.labels import LabelSet
 from adapter_contract.prompt import INSTRUCTION
+from finetune.model import LoraSettings, add_lora, load_base
 from finetune.synthetic import BREEDS
 
 SPECIAL_TOKENS = [
@@ -208,3 +211,33 @@ def _add_kv_shared_k_norms(out: Path, text: Any) -> None:
         save_file(extra, str(out / "model-kv-shared-k-norm.safetensors"), metadata={"format": "pt"})
         index["weight_map"].update(dict.fromkeys(extra, "model-kv-shared-k-norm.safetensors"))
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def make_random_adapter(model_dir: Path, out: Path, lora: LoraSettings, std: float, seed: int = 0) -> Path:
+    """A LoRA adapter with random weights, for serving tests and benchmarks. PEFT starts lora_B
+    at zero (an adapter that changes nothing), so it is drawn from N(0, std) here."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = add_lora(load_base(str(model_dir), device), lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, std)
+    model.save_pretrained(out)
+    return out
+
+
+def publish_random_adapter(model_dir: Path, registry_uri: str, labels: LabelSet, lora: LoraSettings, std: float) -> str:
+    """`pets@1` in `registry_uri`: a random adapter with a manifest for `labels`. Returns its ref."""
+    from adapter_contract.manifest import AdapterManifest, BaseModelRef, config_sha256
+    from adapter_contract.prompt import PROMPT_VERSION, answer_terminator
+    from adapter_contract.registry import Registry
+    from finetune.model import load_processor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = make_random_adapter(model_dir, Path(tmp) / "adapter", lora, std)
+        manifest = AdapterManifest(
+            name="pets", version=1, labels=labels, prompt_version=PROMPT_VERSION, instruction=INSTRUCTION,
+            base_model=BaseModelRef(id=str(model_dir), config_sha256=config_sha256(model_dir / "config.json")),
+            answer_terminator=answer_terminator(load_processor(str(model_dir))), data_fingerprint="-",
+        )
+        return Registry(registry_uri).publish(adapter, manifest).ref

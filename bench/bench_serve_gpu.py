@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the c
 
 def photo_like(seed: int, size: int) -> Image.Image:
     rng = np.random.default_rng(seed)
-    base = Image.fromarray((rng.random((6, 6, 3)) * 255).astype("uint8")).resize((size, size), Image.BICUBIC)
+    base = Image.fromarray((rng.random((6, 6, 3)) * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(base).astype("int16") + rng.integers(-25, 25, (size, size, 3))
     return Image.fromarray(arr.clip(0, 255).astype("uint8"))
 
@@ -91,12 +92,16 @@ async def sweep(name: str, call: Callable[[int], Awaitable[Any]], levels: list[i
 def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     from serve.settings import ServeSettings, VllmSettings
 
-    vllm = VllmSettings(dtype=args.dtype, enforce_eager=True, max_model_len=1024, max_loras=1, max_lora_rank=16,
-                        max_num_seqs=256, gpu_memory_utilization=0.85)
-    if args.soft_tokens:
-        vllm = vllm.model_copy(update={"max_soft_tokens": args.soft_tokens})
+    vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
+                        max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
+                        max_num_batched_tokens=args.max_batched_tokens)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
+
+
+def budgets(args: argparse.Namespace) -> list[int | None]:
+    """Image token budgets to sweep; None is the model's own."""
+    return [int(x) for x in args.soft_tokens.split(",")] if args.soft_tokens else [None]
 
 
 def reference_prompt(processor: Any, labels: list[str]) -> str:
@@ -134,10 +139,18 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s
 
     entry = state.resolve(None)
     engine = state.engine()
+    levels = [int(x) for x in args.levels.split(",")]
+    rows = []
+    for budget in budgets(args):
+        classifier = replace(engine, soft_tokens=budget)
 
-    async def petbreed(seed: int) -> None:
-        await engine.classify([photo_like(seed, size)], entry)
+        async def petbreed(seed: int, classifier: Any = classifier) -> None:
+            await classifier.classify([photo_like(seed, size)], entry)
 
+        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, levels, args.scale, 0)
+
+    if args.no_reference:
+        return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
     texts = [label.text for label in entry.manifest.labels.labels]
     prompt = reference_prompt(state.tables().processor, texts)
 
@@ -155,25 +168,26 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s
 
         return call
 
-    levels = [int(x) for x in args.levels.split(",")]
-    rows = await sweep("petbreed_engine", petbreed, levels, args.scale, 0)
     rows += await sweep("reference_8_tokens", reference(8), levels, args.scale, 100_000)
-    worst_levels = sorted({*levels[:2], levels[-1]})
-    rows += await sweep("reference_128_tokens", reference(128), worst_levels, args.scale / 2, 200_000)
+    # The worst case decodes 128 tokens per image: one small wave per level says enough.
+    for level in sorted({levels[0], levels[-2]}):
+        rows.append({"way": "reference_128_tokens", **await measure(reference(128), level, max(4, level), 200_000)})
+        print(json.dumps(rows[-1]), flush=True)
     return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
-            "ratios": ratios(rows, levels)}
+            "ratios": ratios(rows, levels, f"petbreed_engine_{budgets(args)[0] or 'default'}")}
 
 
-def ratios(rows: list[dict[str, Any]], levels: list[int]) -> dict[str, float]:
-    """petbreed against the reference (8-token answer) at concurrency 1 and at the top level."""
+def ratios(rows: list[dict[str, Any]], levels: list[int], ours_way: str) -> dict[str, float]:
+    """petbreed (model's own image budget) against the reference (8-token answer) at concurrency 1
+    and at the top level."""
     def row(way: str, level: int) -> dict[str, Any]:
         return next(r for r in rows if r["way"] == way and r["concurrency"] == level)
 
     one, top = levels[0], levels[-1]
-    ours, ref = row("petbreed_engine", one), row("reference_8_tokens", one)
+    ours, ref = row(ours_way, one), row("reference_8_tokens", one)
     return {f"p50_latency_speedup_at_{one}": round(ref["p50_ms"] / ours["p50_ms"], 2),
             f"throughput_speedup_at_{one}": round(ours["images_per_s"] / ref["images_per_s"], 2),
-            f"throughput_speedup_at_{top}": round(row("petbreed_engine", top)["images_per_s"]
+            f"throughput_speedup_at_{top}": round(row(ours_way, top)["images_per_s"]
                                                  / row("reference_8_tokens", top)["images_per_s"], 2)}
 
 
@@ -195,10 +209,11 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, size: 
     env = {**os.environ, "PETBREED_BASE_MODEL": str(args.model), "PETBREED_REGISTRY": registry,
            "PETBREED_CACHE_DIR": str(cache), "PETBREED_HOST": "127.0.0.1", "PETBREED_PORT": str(port),
            "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
-           "PETBREED_VLLM__ENFORCE_EAGER": "true", "PETBREED_VLLM__MAX_NUM_SEQS": "256",
-           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": "0.85"}
-    if args.soft_tokens:
-        env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(args.soft_tokens)
+           "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
+           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": "0.85",
+           "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens)}
+    if budgets(args)[0]:
+        env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
@@ -262,7 +277,10 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,64,256")
     ap.add_argument("--scale", type=float, default=1.0, help="requests per level = max(8, 3 x level x scale)")
     ap.add_argument("--image-size", type=int, default=448)
-    ap.add_argument("--soft-tokens", type=int, default=None, help="image token budget (70/140/280)")
+    ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
+    ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
+    ap.add_argument("--max-batched-tokens", type=int, default=16384)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -270,10 +288,11 @@ def main() -> None:
         registry = args.registry or publish_bench_adapter(args.model, Path(tmp))
         run = engine_mode if args.mode == "engine" else http_mode
         result = asyncio.run(run(args, registry, Path(tmp) / "cache", args.image_size))
-    soft = args.soft_tokens or json.loads((args.model / "config.json").read_text())["vision_config"].get(
-        "default_output_length", 280)
-    result.update(mode=args.mode, model=str(args.model), soft_tokens=soft, image_size=args.image_size,
-                  compute_bound=compute_bound(args.model, soft, args.image_size))
+    default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
+    result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
+                  graphs=args.graphs, max_batched_tokens=args.max_batched_tokens,
+                  compute_bound={b or default: compute_bound(args.model, b or default, args.image_size)
+                                 for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 
 from finetune.data import Dataset, load_dataset, load_image
 from finetune.model import LoraSettings, add_lora, load_base, load_processor
+from finetune.scoring import answer_loss
 from finetune.settings import TrainSettings
 from finetune.train import Collator, fit, prepare
 
@@ -51,7 +53,8 @@ def summarise(name: str, step_seconds: list[float], samples_per_step: int, token
 
 def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> dict[str, Any]:
     settings = TrainSettings(
-        data=args.data, base_model=args.model, output=str(workdir / "run"), cache_dir=workdir / "cache",
+        data=args.data, base_model=args.model, output=str(workdir / f"run-batch{args.batch}"),
+        cache_dir=workdir / "cache",
         max_steps=args.warmup + args.steps, eval_every=0, checkpoint_every=10**9, batch_size=args.batch,
         num_workers=args.workers, lr=5e-5, warmup_steps=0, lora=LoraSettings(r=16, alpha=16, targets=LM_TARGETS),
     )
@@ -64,10 +67,39 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
     tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in steady)
     result = summarise("petbreed", step_seconds, args.batch, tokens, n_params)
     result.update(batch=args.batch, data_wait_s_median=round(statistics.median(r["data_wait_s"] for r in steady), 3))
+    if args.profile:
+        print(profile_table(run, args.batch), file=sys.stderr, flush=True)
     run.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer
     del run
     free()
     return result
+
+
+def profile_table(run: Any, batch_size: int) -> str:
+    """Where a training step's GPU time goes: two forward+backward passes on one batch under
+    torch.profiler, after two unprofiled ones (kernel selection, allocator warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = [list(range(batch_size))]
+    batch = {k: v.to(run.device) for k, v in Collator(run.dataset.train, run.processor, run.prompt,
+                                                      run.dataset.labels)(rows).items()}
+
+    def step() -> None:
+        with run.accelerator.autocast():
+            loss = answer_loss(run.model, batch)
+        loss.backward()
+
+    for _ in range(2):
+        step()
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    run.optimizer.zero_grad(set_to_none=True)
+    order = "cuda_time_total" if cuda else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=order, row_limit=30, max_name_column_width=60))
 
 
 def reference_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> dict[str, Any]:
@@ -108,6 +140,16 @@ def reference_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> 
     return result
 
 
+def other_batch(args: argparse.Namespace, batch: int, dataset: Dataset, workdir: Path) -> dict[str, Any]:
+    """petbreed alone at another batch size; running out of memory is a result, not a crash."""
+    try:
+        return petbreed_way(argparse.Namespace(**{**vars(args), "batch": batch, "profile": False}), dataset, workdir)
+    except torch.cuda.OutOfMemoryError:
+        pass
+    free()  # outside the handler, once the traceback no longer holds the model
+    return {"way": "petbreed", "batch": batch, "error": "CUDA out of memory"}
+
+
 def _prompt(processor: Any, dataset: Dataset) -> Any:
     from adapter_contract.prompt import ClassificationPrompt
 
@@ -134,6 +176,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step to stderr")
     ap.add_argument("--extra-batches", default="", help="also time petbreed alone at these batch sizes, e.g. 32,64")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,8 +184,7 @@ def main() -> None:
         load_image(dataset.train[0].path)
         ours = petbreed_way(args, dataset, Path(tmp))
         reference = reference_way(args, dataset, Path(tmp))
-        extra = [petbreed_way(argparse.Namespace(**{**vars(args), "batch": int(b)}), dataset, Path(tmp))
-                 for b in filter(None, args.extra_batches.split(","))]
+        extra = [other_batch(args, int(b), dataset, Path(tmp)) for b in filter(None, args.extra_batches.split(","))]
     result = {"bench": "train", "model": args.model, "effective_batch": args.batch,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "petbreed": ours, "reference": reference,

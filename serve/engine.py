@@ -60,6 +60,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     eager = v.enforce_eager if v.enforce_eager is not None else not _has_cuda()
     kwargs: dict[str, Any] = dict(
         model=model_path, dtype=v.dtype, enforce_eager=eager, max_model_len=v.max_model_len,
+        max_num_batched_tokens=v.max_num_batched_tokens,
         limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=True, max_loras=v.max_loras,
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
@@ -73,8 +74,10 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     )
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs
-    if v.max_soft_tokens is not None:
-        kwargs["mm_processor_kwargs"] = {"max_soft_tokens": v.max_soft_tokens}
+    if not eager and not v.torch_compile:
+        # Full CUDA graphs of the uncompiled model: most of compilation's latency win at batch 1
+        # (one ~300-token prefill is launch-bound in eager mode) for seconds of start-up, not minutes.
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL"}
     return AsyncEngineArgs(**kwargs)
 
 
@@ -87,6 +90,9 @@ def _has_cuda() -> bool:
 @dataclass
 class VllmClassifier:
     engine: Any  # vllm AsyncLLM
+    # Image token budget per request (None: the model's). Per request rather than per engine, so
+    # one engine can serve (and a benchmark can compare) several budgets.
+    soft_tokens: int | None = None
 
     @classmethod
     def start(cls, settings: ServeSettings, model_path: str) -> VllmClassifier:
@@ -95,7 +101,7 @@ class VllmClassifier:
         from vllm import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_engine_args(engine_args(settings, model_path))
-        return cls(engine)
+        return cls(engine, settings.vllm.max_soft_tokens)
 
     async def load_adapter(self, entry: AdapterEntry) -> None:
         """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
@@ -126,7 +132,11 @@ class VllmClassifier:
         )
         # Token ids (not text) so the answer prefix is exactly the trie's tokens; vLLM still
         # expands the image placeholder in them and runs the vision tower on `image`.
-        prompt = {"prompt_token_ids": [*entry.prompt_token_ids, *prefix], "multi_modal_data": {"image": image}}
+        prompt: dict[str, Any] = {
+            "prompt_token_ids": [*entry.prompt_token_ids, *prefix], "multi_modal_data": {"image": image}
+        }
+        if self.soft_tokens is not None:
+            prompt["mm_processor_kwargs"] = {"max_soft_tokens": self.soft_tokens}
         final = None
         async for output in self.engine.generate(
             prompt, params, request_id=uuid.uuid4().hex, lora_request=lora_request(entry)

@@ -20,6 +20,14 @@ class VllmSettings(BaseModel):
 
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
+    torch_compile: bool = Field(
+        False, description="with CUDA graphs: torch.compile + piecewise graphs (minutes of start-up) instead of "
+        "full graphs of the eager model (seconds)"
+    )
+    max_num_batched_tokens: int = Field(
+        16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "
+        "vLLM's own default for an embedded engine (2048) caps a GPU at ~7 images per step"
+    )
     max_model_len: int = Field(1024, ge=64, description="prompt + image soft tokens + answer prefix")
     max_loras: int = Field(4, ge=1, description="adapters in one batch at once")
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in host memory (LRU)")

@@ -10,6 +10,8 @@ T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
 export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 MODEL=/root/models/e4b DATA=/root/data/pets448
+# e.g. SERVE_FLAGS="--graphs --scale 0.5"
+SERVE_FLAGS=${SERVE_FLAGS:-}
 mkdir -p "$OUT" /root/models /root/data /root/extra
 left() { echo $(( LIMIT - $(date +%s) + T0 )); }
 
@@ -41,12 +43,15 @@ for s in "$@"; do
              make_tiny_model(Path(\"/root/models/tiny\"), TinyModelConfig())'" || exit 1 ;;
     serve-smoke) step serve-smoke 120 "timeout 240 python3 bench/bench_serve_gpu.py engine --model /root/models/tiny \
              --levels 1,8 --scale 0.3 --image-size 96 --json $OUT/serve_smoke.json" || exit 1 ;;
-    serve-engine) step serve-engine 240 "python3 bench/bench_serve_gpu.py engine --model $MODEL \
-             --soft-tokens ${SOFT:-280} --json $OUT/serve_engine.json" ;;
-    serve-http) step serve-http 200 "python3 bench/bench_serve_gpu.py http --model $MODEL \
+    serve-engine) step serve-engine 240 "python3 bench/bench_serve_gpu.py engine --model $MODEL $SERVE_FLAGS \
+             --soft-tokens ${SOFT:-280,140,70} --json $OUT/serve_engine.json" ;;
+    serve-http) step serve-http 180 "python3 bench/bench_serve_gpu.py http --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280} --json $OUT/serve_http.json" ;;
+    serve-profile) step serve-profile 200 "python3 -m cProfile -o $OUT/frontend.prof bench/bench_serve_gpu.py engine \
+             --model $MODEL --graphs --no-reference --levels 256 --scale 0.25 --soft-tokens 280 && python3 -c \
+             \"import pstats; pstats.Stats('$OUT/frontend.prof').sort_stats('tottime').print_stats(40)\"" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
-             --steps ${STEPS:-6} --warmup 2 --workers 8 --extra-batches ${EXTRA:-} --json $OUT/train.json" ;;
+             --steps ${STEPS:-6} --warmup 2 --workers 8 --extra-batches ${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

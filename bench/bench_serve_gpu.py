@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,24 @@ def photo_like(seed: int, size: int) -> Image.Image:
     base = Image.fromarray((rng.random((6, 6, 3)) * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(base).astype("int16") + rng.integers(-25, 25, (size, size, 3))
     return Image.fromarray(arr.clip(0, 255).astype("uint8"))
+
+
+Images = Callable[[int], Image.Image]
+
+
+def folder_images(folder: Path) -> Images:
+    """Images from a folder (e.g. a synthetic test split), each request's copy made unique by one
+    pixel so that no vLLM cache recognises it."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if not files:
+        raise SystemExit(f"no images under {folder}")
+
+    def image(seed: int) -> Image.Image:
+        img = Image.open(files[seed % len(files)]).convert("RGB")
+        img.putpixel((0, 0), (seed % 256, seed // 256 % 256, seed // 65536 % 256))
+        return img
+
+    return image
 
 
 def publish_bench_adapter(model: Path, root: Path) -> str:
@@ -117,7 +136,7 @@ def parse_reference(text: str, labels: list[str]) -> str:
     return next((label for label in sorted(labels, key=len, reverse=True) if label.lower() in lowered), "Unknown")
 
 
-async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
+async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:
     from serve.metrics import Metrics
     from serve.state import ServerState
 
@@ -127,12 +146,12 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, size
     try:
         if not state.ready:
             raise RuntimeError(state.failed)
-        return await engine_sweeps(args, state, size, time.perf_counter() - t0)
+        return await engine_sweeps(args, state, images, time.perf_counter() - t0)
     finally:
         await state.stop()  # the engine core is a child process: never leave it behind
 
 
-async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s: float) -> dict[str, Any]:
+async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, start_s: float) -> dict[str, Any]:
     from vllm import SamplingParams
 
     from serve.engine import lora_request
@@ -141,13 +160,16 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s
     engine = state.engine()
     levels = [int(x) for x in args.levels.split(",")]
     rows = []
+    # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
+    seed0 = 0
     for budget in budgets(args):
         classifier = replace(engine, soft_tokens=budget)
 
         async def petbreed(seed: int, classifier: Any = classifier) -> None:
-            await classifier.classify([photo_like(seed, size)], entry)
+            await classifier.classify([images(seed)], entry)
 
-        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, levels, args.scale, 0)
+        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, levels, args.scale, seed0)
+        seed0 += 1_000_000
 
     if args.no_reference:
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
@@ -158,7 +180,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
         async def call(seed: int) -> None:
-            request = {"prompt": prompt, "multi_modal_data": {"image": photo_like(seed, size)}}
+            request = {"prompt": prompt, "multi_modal_data": {"image": images(seed)}}
             final = None
             async for out in engine.engine.generate(request, params, request_id=uuid.uuid4().hex,
                                                     lora_request=lora_request(entry)):
@@ -174,7 +196,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, size: int, start_s
         rows.append({"way": "reference_128_tokens", **await measure(reference(128), level, max(4, level), 200_000)})
         print(json.dumps(rows[-1]), flush=True)
     return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
-            "ratios": ratios(rows, levels, f"petbreed_engine_{budgets(args)[0] or 'default'}")}
+            "ratios": ratios(rows, levels, rows[0]["way"])}
 
 
 def ratios(rows: list[dict[str, Any]], levels: list[int], ours_way: str) -> dict[str, float]:
@@ -200,7 +222,7 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
-async def http_mode(args: argparse.Namespace, registry: str, cache: Path, size: int) -> dict[str, Any]:
+async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:
     import httpx
 
     from bench.bench_serve import free_port
@@ -224,7 +246,7 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, size: 
 
             async def post(seed: int) -> None:
                 buf = io.BytesIO()
-                photo_like(seed, size).save(buf, format="JPEG", quality=90)
+                images(seed).save(buf, format="JPEG", quality=90)
                 response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", buf.getvalue())})
                 response.raise_for_status()
 
@@ -249,9 +271,10 @@ async def wait_ready(client: Any, url: str, proc: subprocess.Popen[bytes], timeo
     raise RuntimeError("server not ready")
 
 
-def compute_bound(model: Path, soft_tokens: int, size: int) -> dict[str, float]:
+def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
     """FLOPs per image from the config: 2 x matmul parameters x tokens, for the vision tower
-    (over its patches) and the language model (over the prompt)."""
+    (over its patches: Gemma 4 resizes every image to fill the budget, soft tokens x pooling
+    kernel area) and the language model (over the prompt)."""
     import torch
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
@@ -262,10 +285,10 @@ def compute_bound(model: Path, soft_tokens: int, size: int) -> dict[str, float]:
     for name, p in meta.named_parameters():
         if "embed" not in name:
             counts["vision" if "vision" in name else "text"] += p.numel()
-    patches = (size // config.vision_config.patch_size) ** 2
+    patches = soft_tokens * config.vision_config.pooling_kernel_size**2
     prompt_tokens = soft_tokens + 25
     flops = 2 * counts["vision"] * patches + 2 * counts["text"] * prompt_tokens
-    return {"flops_per_image": flops, "bound_images_per_s": round(PEAK_FLOPS / flops, 1),
+    return {"flops_per_image": flops, "vision_patches": patches, "bound_images_per_s": round(PEAK_FLOPS / flops, 1),
             "text_params": counts["text"], "vision_params": counts["vision"], "prompt_tokens": prompt_tokens}
 
 
@@ -277,6 +300,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,64,256")
     ap.add_argument("--scale", type=float, default=1.0, help="requests per level = max(8, 3 x level x scale)")
     ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--images", type=Path, help="take images from this folder instead of generating them")
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
@@ -287,11 +311,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         registry = args.registry or publish_bench_adapter(args.model, Path(tmp))
         run = engine_mode if args.mode == "engine" else http_mode
-        result = asyncio.run(run(args, registry, Path(tmp) / "cache", args.image_size))
+        images = folder_images(args.images) if args.images else partial(photo_like, size=args.image_size)
+        result = asyncio.run(run(args, registry, Path(tmp) / "cache", images))
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, max_batched_tokens=args.max_batched_tokens,
-                  compute_bound={b or default: compute_bound(args.model, b or default, args.image_size)
+                  compute_bound={b or default: compute_bound(args.model, b or default)
                                  for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:

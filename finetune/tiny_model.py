@@ -203,10 +203,14 @@ def _add_kv_shared_k_norms(out: Path, text: Any) -> None:
             index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in fh.keys()}}  # noqa: SIM118
     extra = {}
     for layer in range(text.num_hidden_layers - shared, text.num_hidden_layers):
-        name = f"model.language_model.layers.{layer}.self_attn.k_norm.weight"
-        if name not in index["weight_map"]:
-            full = text.layer_types[layer] == "full_attention"
-            extra[name] = torch.ones(text.global_head_dim if full else text.head_dim, dtype=torch.bfloat16)
+        prefix = f"model.language_model.layers.{layer}.self_attn"
+        if f"{prefix}.k_norm.weight" not in index["weight_map"]:
+            # The layer's own q_norm has its head size (which config attribute holds the size of
+            # full-attention heads differs between transformers versions).
+            q_norm = f"{prefix}.q_norm.weight"
+            with safe_open(str(out / index["weight_map"][q_norm]), "pt") as fh:
+                size = fh.get_slice(q_norm).get_shape()
+            extra[f"{prefix}.k_norm.weight"] = torch.ones(size, dtype=torch.bfloat16)
     if extra:
         save_file(extra, str(out / "model-kv-shared-k-norm.safetensors"), metadata={"format": "pt"})
         index["weight_map"].update(dict.fromkeys(extra, "model-kv-shared-k-norm.safetensors"))

@@ -84,7 +84,20 @@ class ServerState:
         if self.classifier is None:
             self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path)
         await self.reload()
+        await self._warm_up()
         log.info("engine started", extra={"seconds": round(time.perf_counter() - started, 1), "base": base.path})
+
+    async def _warm_up(self) -> None:
+        """One prediction before /readyz says yes. vLLM's first image request loads the image
+        processor (again, if the soft-token budget differs from the model's) and compiles kernels:
+        seconds on a GPU that no client should wait for."""
+        try:
+            entry = self.tables().resolve(None)
+        except AdapterNotFound:  # no default adapter (yet): the first client pays instead
+            return
+        started = time.perf_counter()
+        await self.engine().classify([Image.new("RGB", (64, 64))], entry)
+        log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     def begin(self) -> None:
         """Start loading in the background (called from the app's lifespan)."""

@@ -262,6 +262,14 @@ def test_models_lists_adapters_and_the_refused_one(client: httpx.Client, registr
     assert models["default_adapter"].startswith("pets@")
 
 
+def test_the_engine_is_warmed_up_before_it_reports_ready(server: dict) -> None:
+    """vLLM's first image request loads the processor and compiles kernels: a client must not pay."""
+    logs = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith('{"time"')]
+    messages = [r["message"] for r in logs]
+    assert "warmed up" in messages and messages.index("warmed up") < messages.index("ready")
+    assert next(r for r in logs if r["message"] == "warmed up")["adapter"].startswith("pets@")
+
+
 def test_mismatched_adapter_is_refused_with_a_clear_error(client: httpx.Client, server: dict) -> None:
     data = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(data, format="PNG")

@@ -192,7 +192,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
     rows += await sweep("reference_8_tokens", reference(8), levels, args.scale, 100_000)
     # The worst case decodes 128 tokens per image: one small wave per level says enough.
-    for level in sorted({levels[0], levels[-2]}):
+    for level in sorted({levels[0], levels[max(0, len(levels) - 2)]}):
         rows.append({"way": "reference_128_tokens", **await measure(reference(128), level, max(4, level), 200_000)})
         print(json.dumps(rows[-1]), flush=True)
     return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
@@ -293,6 +293,8 @@ def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from serve.settings import VllmSettings
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["engine", "http"])
     ap.add_argument("--model", type=Path, required=True)
@@ -304,7 +306,7 @@ def main() -> None:
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
-    ap.add_argument("--max-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -74,6 +74,10 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     )
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs
+    if v.max_soft_tokens is not None:
+        # Also the engine's default, not only each request's: vLLM then sizes its encoder profile
+        # for this budget and loads the image processor once, for the kwargs requests carry.
+        kwargs["mm_processor_kwargs"] = {"max_soft_tokens": v.max_soft_tokens}
     if not eager and not v.torch_compile:
         # Full CUDA graphs of the uncompiled model: most of compilation's latency win at batch 1
         # (one ~300-token prefill is launch-bound in eager mode) for seconds of start-up, not minutes.

@@ -82,10 +82,6 @@ class LabelTrie:
             key=lambda node: (len(node.prefix), node.prefix),
         )
 
-    @property
-    def max_children(self) -> int:
-        return max((len(node.children) for node in self.branches), default=1)
-
     def distribution(self, branch_logprobs: Mapping[tuple[int, ...], Mapping[int, float]]) -> list[float]:
         """Label probabilities from each branch node's next-token log-probabilities.
 

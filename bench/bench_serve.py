@@ -25,8 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -61,10 +62,13 @@ def images(n: int, seed: int, size: int) -> list[bytes]:
     return out
 
 
+T = TypeVar("T")
+
+
 async def bounded_loop(
-    call: Callable[[int], Awaitable[None]], indices: range, concurrency: int
+    call: Callable[[T], Awaitable[None]], indices: Iterable[T], concurrency: int
 ) -> tuple[float, list[float]]:
-    """`concurrency` workers take request indices until all are done: (wall seconds, latencies)."""
+    """`concurrency` workers take request inputs (or indices) until all are done: (wall seconds, latencies)."""
     latencies: list[float] = []
     counter = iter(indices)
 

@@ -81,11 +81,14 @@ def publish_bench_adapter(model: Path, root: Path) -> str:
     return registry
 
 
-async def measure(call: Callable[[int], Awaitable[Any]], concurrency: int, requests: int, first: int) -> dict[str, Any]:
-    """`requests` calls with image seeds first.., `concurrency` at a time; images/s and latency."""
+async def measure(call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], concurrency: int, requests: int,
+                  first: int) -> dict[str, Any]:
+    """`requests` calls, `concurrency` at a time; images/s and latency. Each call's input (an image,
+    an upload) is made from seeds first.. before the clock starts, as a real client has it already."""
     from bench.bench_serve import bounded_loop
 
-    elapsed, latencies = await bounded_loop(call, range(first, first + requests), concurrency)
+    inputs = [make(seed) for seed in range(first, first + requests)]
+    elapsed, latencies = await bounded_loop(call, inputs, concurrency)
     latencies.sort()
     return {"concurrency": concurrency, "requests": requests, "images_per_s": round(requests / elapsed, 1),
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
@@ -96,13 +99,13 @@ def requests_for(concurrency: int, scale: float) -> int:
     return max(8, int(concurrency * 3 * scale))
 
 
-async def sweep(name: str, call: Callable[[int], Awaitable[Any]], levels: list[int], scale: float,
-                seed0: int) -> list[dict[str, Any]]:
-    await measure(call, min(8, max(levels)), 8, seed0)  # warm-up
+async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], levels: list[int],
+                scale: float, seed0: int) -> list[dict[str, Any]]:
+    await measure(call, make, min(8, max(levels)), 8, seed0)  # warm-up
     rows, seed = [], seed0 + 8
     for level in levels:
         n = requests_for(level, scale)
-        rows.append({"way": name, **await measure(call, level, n, seed)})
+        rows.append({"way": name, **await measure(call, make, level, n, seed)})
         seed += n
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -165,10 +168,10 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     for budget in budgets(args):
         classifier = replace(engine, soft_tokens=budget)
 
-        async def petbreed(seed: int, classifier: Any = classifier) -> None:
-            await classifier.classify([images(seed)], entry)
+        async def petbreed(image: Image.Image, classifier: Any = classifier) -> None:
+            await classifier.classify([image], entry)
 
-        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, levels, args.scale, seed0)
+        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, images, levels, args.scale, seed0)
         seed0 += 1_000_000
 
     if args.no_reference:
@@ -176,11 +179,11 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     texts = [label.text for label in entry.manifest.labels.labels]
     prompt = reference_prompt(state.tables().processor, texts)
 
-    def reference(max_tokens: int) -> Callable[[int], Awaitable[None]]:
+    def reference(max_tokens: int) -> Callable[[Image.Image], Awaitable[None]]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-        async def call(seed: int) -> None:
-            request = {"prompt": prompt, "multi_modal_data": {"image": images(seed)}}
+        async def call(image: Image.Image) -> None:
+            request = {"prompt": prompt, "multi_modal_data": {"image": image}}
             final = None
             async for out in engine.engine.generate(request, params, request_id=uuid.uuid4().hex,
                                                     lora_request=lora_request(entry)):
@@ -190,10 +193,11 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
         return call
 
-    rows += await sweep("reference_8_tokens", reference(8), levels, args.scale, 100_000)
+    rows += await sweep("reference_8_tokens", reference(8), images, levels, args.scale, 100_000)
     # The worst case decodes 128 tokens per image: one small wave per level says enough.
     for level in sorted({levels[0], levels[max(0, len(levels) - 2)]}):
-        rows.append({"way": "reference_128_tokens", **await measure(reference(128), level, max(4, level), 200_000)})
+        row = await measure(reference(128), images, level, max(4, level), 200_000)
+        rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
     return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
             "ratios": ratios(rows, levels, rows[0]["way"])}
@@ -244,13 +248,17 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
             await wait_ready(client, url, proc)
             start_s = time.perf_counter() - t0
 
-            async def post(seed: int) -> None:
+            def upload(seed: int) -> bytes:
                 buf = io.BytesIO()
                 images(seed).save(buf, format="JPEG", quality=90)
-                response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", buf.getvalue())})
+                return buf.getvalue()
+
+            async def post(body: bytes) -> None:
+                response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", body)})
                 response.raise_for_status()
 
-            rows = await sweep("petbreed_http", post, [int(x) for x in args.levels.split(",")], args.scale, 300_000)
+            levels = [int(x) for x in args.levels.split(",")]
+            rows = await sweep("petbreed_http", post, upload, levels, args.scale, 300_000)
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
     finally:
         proc.terminate()

@@ -28,9 +28,8 @@ import torch
 
 from finetune.data import Dataset, load_dataset, load_image
 from finetune.model import LoraSettings, add_lora, load_base, load_processor
-from finetune.scoring import answer_loss
 from finetune.settings import TrainSettings
-from finetune.train import Collator, fit, prepare
+from finetune.train import Collator, batch_loss, fit, prepare
 
 H200_BF16_FLOPS = 989e12
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -53,10 +52,11 @@ def summarise(name: str, step_seconds: list[float], samples_per_step: int, token
 
 def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> dict[str, Any]:
     settings = TrainSettings(
-        data=args.data, base_model=args.model, output=str(workdir / f"run-batch{args.batch}"),
+        data=args.data, base_model=args.model, output=str(workdir / f"run-batch{args.batch}-compile{args.compile}"),
         cache_dir=workdir / "cache",
         max_steps=args.warmup + args.steps, eval_every=0, checkpoint_every=10**9, batch_size=args.batch,
         num_workers=args.workers, lr=5e-5, warmup_steps=0, lora=LoraSettings(r=16, alpha=16, targets=LM_TARGETS),
+        compile=args.compile,
     )
     run = prepare(settings, dataset)
     n_params = matmul_params(run.model)
@@ -66,7 +66,8 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
     step_seconds = [args.batch / r["samples_per_s"] for r in steady]
     tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in steady)
     result = summarise("petbreed", step_seconds, args.batch, tokens, n_params)
-    result.update(batch=args.batch, data_wait_s_median=round(statistics.median(r["data_wait_s"] for r in steady), 3))
+    wait = statistics.median(r["data_wait_s"] for r in steady)
+    result.update(batch=args.batch, compile=args.compile, data_wait_s_median=round(wait, 3))
     if args.profile:
         print(profile_table(run, args.batch), file=sys.stderr, flush=True)
     run.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer
@@ -85,9 +86,7 @@ def profile_table(run: Any, batch_size: int) -> str:
                                                       run.dataset.labels)(rows).items()}
 
     def step() -> None:
-        with run.accelerator.autocast():
-            loss = answer_loss(run.model, batch)
-        loss.backward()
+        batch_loss(run, batch).backward()
 
     for _ in range(2):
         step()
@@ -140,14 +139,14 @@ def reference_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> 
     return result
 
 
-def other_batch(args: argparse.Namespace, batch: int, dataset: Dataset, workdir: Path) -> dict[str, Any]:
-    """petbreed alone at another batch size; running out of memory is a result, not a crash."""
+def other_run(args: argparse.Namespace, dataset: Dataset, workdir: Path, **changes: Any) -> dict[str, Any]:
+    """petbreed alone with other settings (batch size, compile); out of memory is a result, not a crash."""
     try:
-        return petbreed_way(argparse.Namespace(**{**vars(args), "batch": batch, "profile": False}), dataset, workdir)
+        return petbreed_way(argparse.Namespace(**{**vars(args), "profile": False, **changes}), dataset, workdir)
     except torch.cuda.OutOfMemoryError:
         pass
     free()  # outside the handler, once the traceback no longer holds the model
-    return {"way": "petbreed", "batch": batch, "error": "CUDA out of memory"}
+    return {"way": "petbreed", **changes, "error": "CUDA out of memory"}
 
 
 def _prompt(processor: Any, dataset: Dataset) -> Any:
@@ -178,18 +177,23 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step to stderr")
     ap.add_argument("--extra-batches", default="", help="also time petbreed alone at these batch sizes, e.g. 32,64")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="petbreed's `compile` setting (on by default on GPUs)")
+    ap.add_argument("--eager-too", action="store_true", help="also time petbreed with compile off")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = load_dataset(args.data, Path(tmp) / "cache")
         load_image(dataset.train[0].path)
         ours = petbreed_way(args, dataset, Path(tmp))
         reference = reference_way(args, dataset, Path(tmp))
-        extra = [other_batch(args, int(b), dataset, Path(tmp)) for b in filter(None, args.extra_batches.split(","))]
+        extra = [other_run(args, dataset, Path(tmp), batch=int(b)) for b in filter(None, args.extra_batches.split(","))]
+        if args.eager_too:
+            extra.append(other_run(args, dataset, Path(tmp), compile=False))
     result = {"bench": "train", "model": args.model, "effective_batch": args.batch,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "petbreed": ours, "reference": reference,
               "speedup_samples_per_s": round(ours["samples_per_s"] / reference["samples_per_s"], 2),
-              "petbreed_other_batches": extra}
+              "petbreed_other_runs": extra}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

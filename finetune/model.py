@@ -74,6 +74,22 @@ def add_lora(model: Any, settings: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
+def compile_blocks(model: Any) -> int:
+    """torch.compile each repeated block (decoder and vision-encoder layers); returns how many.
+
+    An eager step of Gemma 4 spends most of its GPU time in unfused element-wise kernels (norms,
+    activations, clipping, LoRA scaling), not in matrix multiplies. Compiling the blocks rather
+    than the whole model fuses those while identical layers share one graph, so compiling takes
+    seconds per distinct layer kind instead of minutes, and the loss and gradients are unchanged.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds and type(m).__name__.endswith("Layer")]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
     from peft import PeftModel
 

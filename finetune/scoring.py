@@ -51,7 +51,7 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     first = int((targets != IGNORE).any(dim=0).nonzero()[0])
     keep = targets.shape[1] - first + 1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets[:, -(keep - 1) :].flatten(), ignore_index=IGNORE
     )
@@ -82,5 +82,5 @@ def _next_token_logprobs(model: Any, batch: dict[str, Any], prefix: tuple[int, .
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(extra)], dim=1)
         if "mm_token_type_ids" in batch:
             batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
-    logits = model(**batch).logits[:, -1].float()
+    logits = model(**batch, use_cache=False).logits[:, -1].float()
     return torch.log_softmax(logits, dim=-1)

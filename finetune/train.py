@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from peft.helpers import disable_input_dtype_casting
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -28,7 +29,7 @@ from adapter_contract.prompt import ClassificationPrompt
 from adapter_contract.storage import Storage, open_storage
 from finetune import checkpoints, evaluate
 from finetune.data import DataError, Dataset, Example, load_image
-from finetune.model import add_lora, load_adapter, load_base, load_processor, pick_device
+from finetune.model import add_lora, compile_blocks, load_adapter, load_base, load_processor, pick_device
 from finetune.scoring import answer_loss, training_batch
 from finetune.settings import TrainSettings
 
@@ -123,10 +124,8 @@ def train(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | None
 
 def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | None = None) -> Run:
     seed_everything(settings.seed)
-    accelerator = Accelerator(
-        cpu=pick_device(settings.device).type == "cpu",
-        mixed_precision="bf16" if pick_device(settings.device).type == "cuda" else "no",
-    )
+    on_gpu = pick_device(settings.device).type == "cuda"
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
     storage = open_storage(settings.output)
     _claim_run_folder(storage, settings)
     processor = load_processor(settings.base_model)
@@ -134,6 +133,8 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter
     model = load_adapter(base, start_from, trainable=True) if start_from else add_lora(base, settings.lora)
+    if settings.compile if settings.compile is not None else on_gpu:
+        log.info("compiling %d blocks on first use", compile_blocks(model))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -191,8 +192,7 @@ def _step(run: Run, batches: Any) -> dict[str, float]:
         t_wait = time.perf_counter()
         batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
         waited += time.perf_counter() - t_wait
-        with accelerator.autocast():
-            loss = answer_loss(run.model, batch) / s.grad_accum
+        loss = batch_loss(run, batch) / s.grad_accum
         accelerator.backward(loss)
         loss_sum += loss.item()
         samples += batch["input_ids"].shape[0]
@@ -206,6 +206,13 @@ def _step(run: Run, batches: Any) -> dict[str, float]:
     return {"loss": loss_sum, "lr": run.scheduler.get_last_lr()[0],
             "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds,
             "data_wait_s": waited}
+
+
+def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    # Autocast runs the LoRA matmuls in bf16 already; PEFT's own upcast of each LoRA input to the
+    # fp32 adapter weights would copy every activation twice (18 % of an E4B step on an H200).
+    with run.accelerator.autocast(), disable_input_dtype_casting(run.model):
+        return answer_loss(run.model, batch)
 
 
 def _loader(run: Run) -> DataLoader:

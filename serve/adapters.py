@@ -69,14 +69,13 @@ class AdapterRefused(Exception):
 class AdapterTable:
     def __init__(
         self, registry_uri: str, cache_dir: Path, processor: Any, base_config_sha256: str, max_lora_rank: int,
-        max_children: int, default_name: str | None, tower_lora: bool = True,
+        default_name: str | None, tower_lora: bool = True,
     ) -> None:
         self.registry = Registry(registry_uri)
         self.cache_dir = cache_dir / "adapters"
         self.processor = processor
         self.base_sha = base_config_sha256
         self.max_lora_rank = max_lora_rank
-        self.max_children = max_children
         self.tower_lora = tower_lora
         self.default_name = default_name
         self.entries: dict[tuple[str, int], AdapterEntry] = {}
@@ -105,11 +104,6 @@ class AdapterTable:
             prompt = ClassificationPrompt.build(self.processor, manifest.labels)
         except ValueError as err:
             raise AdapterRefused(f"its labels cannot be scored with this tokenizer: {err}") from None
-        if prompt.trie.max_children > self.max_children:
-            raise AdapterRefused(
-                f"a label-trie node has {prompt.trie.max_children} children; the server's max_logprobs is "
-                f"{self.max_children}"
-            )
         # The unexpanded prompt tokens: vLLM expands the image placeholder itself.
         ids = tuple(self.processor.tokenizer.encode(prompt.text))
         entry = AdapterEntry(manifest, prompt, ids, dest, self._next_lora_id)

@@ -1,15 +1,17 @@
 """The vLLM engine, used as a classifier: P(label | image) for an adapter's label set.
 
 For each image and each branch node of the adapter's label trie (usually only the root) the
-engine is asked for ONE next token, restricted to the node's children, with their logprobs:
+engine is asked for ONE next token and the log-probabilities of the node's children:
 
-    SamplingParams(max_tokens=1, temperature=0, logprobs=len(children), allowed_token_ids=children)
+    SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=children)
 
-With `logprobs_mode="processed_logprobs"` vLLM computes the logprobs after the allowed-token
-mask, so the top `len(children)` entries are exactly the children. `LabelTrie.distribution`
-renormalises over the children anyway, which makes the result the same under either mode.
-The product over branch nodes is the label's probability under label-constrained decoding, the
-quantity `finetune.scoring.label_distributions` computes with transformers + PEFT.
+These are the model's full-vocabulary log-probabilities; `LabelTrie.distribution` renormalises
+them over the children. The product over branch nodes is the label's probability under
+label-constrained decoding, the quantity `finetune.scoring.label_distributions` computes with
+transformers + PEFT. (An `allowed_token_ids` mask gives the same numbers, but vLLM keeps that
+mask as a max_num_seqs x vocabulary tensor and rewrites a 262k row for every request: over half
+of the engine core's time on an H200.) vLLM returns at most 128 ids per request, so a node with
+more children is asked in chunks; full-vocabulary log-probabilities of one prefix combine exactly.
 
 Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
 `AsyncEngineArgs`, SamplingParams, LoRARequest and prompt dicts.
@@ -27,11 +29,14 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.settings import ServeSettings
 from serve.vllm_compat import tower_lora_supported
 
 log = logging.getLogger("petbreed.serve.engine")
+
+MAX_IDS_PER_REQUEST = 128  # vLLM's cap on `logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)
 
 
 class Classifier(Protocol):
@@ -66,7 +71,6 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
         enable_tower_connector_lora=tower_lora_supported(),
-        logprobs_mode="processed_logprobs", max_logprobs=v.max_logprobs,
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
         # Runs serve/vllm_compat.py in the worker processes: a fix for Gemma 4 tower LoRA batches.
@@ -118,29 +122,42 @@ class VllmClassifier:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
+        image_input = self._image_input(image)
         root, *deeper = trie.branches
-        found = {root.prefix: await self._next_token(image, entry, root.prefix, root.children)}
+        found = {root.prefix: await self._next_token(image_input, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
         # reuse the image's KV blocks (and the encoder cache its vision features).
-        rest = await asyncio.gather(*(self._next_token(image, entry, n.prefix, n.children) for n in deeper))
+        rest = await asyncio.gather(*(self._next_token(image_input, entry, node) for node in deeper))
         found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
         return trie.distribution(found)
 
-    async def _next_token(
-        self, image: Image.Image, entry: AdapterEntry, prefix: tuple[int, ...], children: tuple[int, ...]
+    def _image_input(self, image: Image.Image) -> dict[str, Any]:
+        """The image part of a prompt. Every request about this image carries the same fresh id, so
+        vLLM neither hashes the pixels nor preprocesses them twice, and its caches match the requests."""
+        image_input: dict[str, Any] = {
+            "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid.uuid4().hex]}
+        }
+        if self.soft_tokens is not None:
+            image_input["mm_processor_kwargs"] = {"max_soft_tokens": self.soft_tokens}
+        return image_input
+
+    async def _next_token(self, image_input: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:
+        # Token ids (not text) so the answer prefix is exactly the trie's tokens; vLLM still
+        # expands the image placeholder in them and runs the vision tower on the image.
+        prompt = {"prompt_token_ids": [*entry.prompt_token_ids, *node.prefix], **image_input}
+        step = MAX_IDS_PER_REQUEST
+        chunks = [node.children[i : i + step] for i in range(0, len(node.children), step)]
+        found: dict[int, float] = {}
+        for part in await asyncio.gather(*(self._logprobs(prompt, entry, chunk) for chunk in chunks)):
+            found.update(part)
+        return found
+
+    async def _logprobs(
+        self, prompt: dict[str, Any], entry: AdapterEntry, token_ids: tuple[int, ...]
     ) -> dict[int, float]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=len(children), allowed_token_ids=list(children)
-        )
-        # Token ids (not text) so the answer prefix is exactly the trie's tokens; vLLM still
-        # expands the image placeholder in them and runs the vision tower on `image`.
-        prompt: dict[str, Any] = {
-            "prompt_token_ids": [*entry.prompt_token_ids, *prefix], "multi_modal_data": {"image": image}
-        }
-        if self.soft_tokens is not None:
-            prompt["mm_processor_kwargs"] = {"max_soft_tokens": self.soft_tokens}
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
         final = None
         async for output in self.engine.generate(
             prompt, params, request_id=uuid.uuid4().hex, lora_request=lora_request(entry)

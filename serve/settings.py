@@ -32,7 +32,6 @@ class VllmSettings(BaseModel):
     max_loras: int = Field(4, ge=1, description="adapters in one batch at once")
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in host memory (LRU)")
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
-    max_logprobs: int = Field(1024, ge=1, description="most children of a label-trie node; larger tries are refused")
     max_num_seqs: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

@@ -78,8 +78,8 @@ class ServerState:
         base = await asyncio.to_thread(load_base, self.settings)
         s = self.settings
         self.table = AdapterTable(
-            s.registry, s.cache_dir, base.processor, base.config_sha256, s.vllm.max_lora_rank, s.vllm.max_logprobs,
-            s.default_adapter, tower_lora=tower_lora_supported(),
+            s.registry, s.cache_dir, base.processor, base.config_sha256, s.vllm.max_lora_rank, s.default_adapter,
+            tower_lora=tower_lora_supported(),
         )
         if self.classifier is None:
             self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path)

@@ -47,7 +47,7 @@ def registry(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 def table(registry: tuple[str, object], tiny_model: Path, tmp_path: Path, **kwargs: object) -> AdapterTable:
     uri, processor = registry
-    options: dict = {"max_lora_rank": 64, "max_children": 1024, "default_name": "pets", **kwargs}
+    options: dict = {"max_lora_rank": 64, "default_name": "pets", **kwargs}
     return AdapterTable(uri, tmp_path, processor, config_sha256(tiny_model / "config.json"), **options)
 
 

@@ -2,6 +2,7 @@
 # Runs petbreed's GPU benchmarks on the lent H200 (no network). From the repo root on the device:
 #   LIMIT=560 bash bench/gpu/device.sh setup model data train
 #   LIMIT=560 bash bench/gpu/device.sh setup tiny serve-smoke model serve-engine serve-http
+#   LIMIT=300 bash bench/gpu/device.sh setup model serve-spy        (profile of serving at saturation)
 # Needs .carry/pkg/{site,tf514}.tar.xz (vLLM 0.24 + transformers 5.14.1, built by
 # ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks).
 # Results and logs go to $OUT; each step is skipped when fewer seconds are left than it needs.
@@ -30,6 +31,7 @@ for s in "$@"; do
     setup) step setup 30 "for f in site:site tf514:tf; do mkdir -p /root/\${f#*:}; \
              [ -f /root/\${f#*:}/.done ] || { tar -C /root/\${f#*:} -xJf .carry/pkg/\${f%%:*}.tar.xz && touch /root/\${f#*:}/.done; }; done; \
              for w in .carry/wheels/*.whl; do python3 -m zipfile -e \$w /root/extra; done; \
+             chmod +x /root/extra/*.data/scripts/* 2>/dev/null; \
              nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
              python3 -c 'import torch, transformers, peft, accelerate, vllm; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, vllm.__version__)'" || exit 1 ;;
     model) [ -f $MODEL/config.json ] || step model 120 "python3 -c 'from pathlib import Path; \
@@ -47,11 +49,10 @@ for s in "$@"; do
              --soft-tokens ${SOFT:-280,140,70} --json $OUT/serve_engine.json" ;;
     serve-http) step serve-http 180 "python3 bench/bench_serve_gpu.py http --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280} --json $OUT/serve_http.json" ;;
-    serve-profile) step serve-profile 200 "python3 -m cProfile -o $OUT/frontend.prof bench/bench_serve_gpu.py engine \
-             --model $MODEL --graphs --no-reference --levels 256 --scale 0.25 --soft-tokens 280 && python3 -c \
-             \"import pstats; pstats.Stats('$OUT/frontend.prof').sort_stats('tottime').print_stats(40)\"" ;;
+    serve-spy) step serve-spy 240 "bash bench/gpu/profile_serve.sh $MODEL $OUT --graphs --levels 8,256 --scale 1 \
+             --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
-             --steps ${STEPS:-6} --warmup 2 --workers 8 --extra-batches ${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
+             --steps ${STEPS:-6} --warmup ${WARMUP:-2} --workers 8 --extra-batches=${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

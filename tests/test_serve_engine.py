@@ -1,0 +1,64 @@
+"""VllmClassifier's request plan, against a recording stand-in for the engine. The real engine
+answers the same plan in test_serve_api.py (vLLM against transformers + PEFT); a trie node with
+more children than vLLM returns log-probabilities for in one request only fits in this test."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from PIL import Image
+
+from adapter_contract.labels import LabelTrie
+from serve.engine import MAX_IDS_PER_REQUEST, VllmClassifier
+
+
+class RecordingEngine:
+    """Answers each request with log p(token) = -token / 100 for the ids it asked about."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def generate(self, prompt: dict[str, Any], params: Any, **_: Any) -> AsyncIterator[Any]:
+        self.requests.append({"prompt": prompt, "ids": list(params.logprob_token_ids)})
+        logprobs = {t: SimpleNamespace(logprob=-t / 100) for t in params.logprob_token_ids}
+        yield SimpleNamespace(outputs=[SimpleNamespace(logprobs=[logprobs])])
+
+
+def entry_for(trie: LabelTrie) -> Any:
+    prompt = SimpleNamespace(trie=trie)
+    return SimpleNamespace(prompt=prompt, prompt_token_ids=(7, 8), ref="pets@1", lora_id=1, path=Path("adapter"))
+
+
+def test_a_node_with_more_children_than_one_request_returns_is_asked_in_chunks() -> None:
+    n = 2 * MAX_IDS_PER_REQUEST + 44
+    trie = LabelTrie([(1000 + i, 1) for i in range(n)])  # one branch node (the root) with n children
+    engine = RecordingEngine()
+
+    [probs] = asyncio.run(VllmClassifier(engine).classify([Image.new("RGB", (8, 8))], entry_for(trie)))
+
+    assert [len(r["ids"]) for r in engine.requests] == [MAX_IDS_PER_REQUEST, MAX_IDS_PER_REQUEST, 44]
+    weights = [math.exp(-(1000 + i) / 100) for i in range(n)]
+    assert max(abs(p - w / sum(weights)) for p, w in zip(probs, weights, strict=True)) < 1e-12
+
+
+def test_every_request_about_one_image_names_it_with_the_same_id_and_other_images_differently() -> None:
+    trie = LabelTrie([(1, 2), (1, 3), (4, 5)])  # branch nodes: the root and (1,)
+    engine = RecordingEngine()
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]
+
+    asyncio.run(VllmClassifier(engine, soft_tokens=70).classify(images, entry_for(trie)))
+
+    ids: dict[int, set[str]] = {}
+    for request in engine.requests:
+        prompt = request["prompt"]
+        assert prompt["mm_processor_kwargs"] == {"max_soft_tokens": 70}
+        [uid] = prompt["multi_modal_uuids"]["image"]
+        ids.setdefault(id(prompt["multi_modal_data"]["image"]), set()).add(uid)
+    assert len(engine.requests) == 4  # two nodes for each image
+    assert [len(uids) for uids in ids.values()] == [1, 1]
+    assert len(set.union(*ids.values())) == 2

@@ -2,9 +2,10 @@
 # Runs petbreed's GPU benchmarks on the lent H200 (no network). From the repo root on the device:
 #   LIMIT=560 bash bench/gpu/device.sh setup model data train
 #   LIMIT=560 bash bench/gpu/device.sh setup tiny serve-smoke model serve-engine serve-http
-#   LIMIT=300 bash bench/gpu/device.sh setup model serve-spy        (profile of serving at saturation)
+#   LIMIT=400 bash bench/gpu/device.sh setup model serve-spy        (profile of serving at saturation)
 # Needs .carry/pkg/{site,tf514}.tar.xz (vLLM 0.24 + transformers 5.14.1, built by
-# ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks).
+# ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks, and
+# py-spy's manylinux wheel for serve-spy).
 # Results and logs go to $OUT; each step is skipped when fewer seconds are left than it needs.
 set -uo pipefail
 T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
+from adapter_contract.image import to_model_input
 from adapter_contract.labels import LabelSet
 from adapter_contract.storage import download_tree, is_gcs, open_storage
 from finetune.breeds import SPECIES_IDS, label_for
@@ -64,10 +65,10 @@ class Dataset:
 
 
 def load_image(source: Path | IO[bytes]) -> Image.Image:
-    """Decode fully, apply EXIF orientation, and return RGB (any mode, alpha, CMYK or palette)."""
+    """Decode (a very large photo at a reduced size), apply EXIF orientation, return RGB (any mode,
+    alpha, CMYK or palette): `adapter_contract.image.to_model_input`, as serving does."""
     with Image.open(source) as img:
-        img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return to_model_input(img)
 
 
 def load_dataset(uri: str, cache_dir: Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

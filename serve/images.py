@@ -3,7 +3,8 @@
 The pixel count is read from the header and checked before any pixel data is decoded, so a small
 file that would expand to gigabytes (a decompression bomb) is refused cheaply. Only the decoders
 of the accepted formats are ever run on client bytes. The result is prepared exactly as training
-prepares its images (`finetune.data.load_image`): EXIF orientation applied, then RGB.
+prepares its images (`adapter_contract.image.to_model_input`): EXIF orientation applied, RGB,
+and a very large photo decoded at a reduced size.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import binascii
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from adapter_contract.image import to_model_input
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
@@ -57,8 +60,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             # Our own pixel limit has been applied already; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.seek(0)  # GIF / animated WebP: the first frame only
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return to_model_input(image)
     except Exception as err:  # any decoder failure on client bytes is a bad image, never a 500
         raise ImageError(400, "invalid_image", f"image data is truncated or corrupt: {err}") from None
     finally:

@@ -79,8 +79,8 @@ def compile_blocks(model: Any) -> int:
 
     An eager step of Gemma 4 spends most of its GPU time in unfused element-wise kernels (norms,
     activations, clipping, LoRA scaling), not in matrix multiplies. Compiling the blocks rather
-    than the whole model fuses those while identical layers share one graph, so compiling takes
-    seconds per distinct layer kind instead of minutes, and the loss and gradients are unchanged.
+    than the whole model fuses those while identical layers share one graph, so compile time grows
+    with the kinds of layer, not their number. The loss and gradients are unchanged.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())

@@ -53,7 +53,7 @@ class TrainSettings(BaseSettings):
     device: str = "auto"
     compile: bool | None = Field(
         None, description="torch.compile the decoder and vision-encoder layers (fuses the element-wise work that "
-        "dominates an eager step; tens of seconds of compiling at the start); None: on GPUs"
+        "dominates an eager step; the compiling happens in the first steps); None: on GPUs"
     )
 
     # A Cloud Run Job retries a preempted task with the same index and a higher attempt; the

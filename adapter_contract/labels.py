@@ -83,23 +83,47 @@ class LabelTrie:
         )
 
     def distribution(self, branch_logprobs: Mapping[tuple[int, ...], Mapping[int, float]]) -> list[float]:
-        """Label probabilities from each branch node's next-token log-probabilities.
+        """Label probabilities from every branch node's next-token log-probabilities.
 
         The log-probabilities may cover more tokens than the node's children, or be unnormalised:
         only the children are kept and renormalised.
         """
+        probs, pending = self.resolve(branch_logprobs)
+        if pending:
+            raise KeyError(f"no log-probabilities for branch node {next(iter(pending))}")
+        return [p for p in probs if p is not None]
+
+    def resolve(
+        self, branch_logprobs: Mapping[tuple[int, ...], Mapping[int, float]]
+    ) -> tuple[list[float | None], dict[tuple[int, ...], float]]:
+        """What some branch nodes' log-probabilities decide: each label's probability (None where
+        a node on its path is missing) and, for each missing node first met on a path, the
+        probability of reaching it, which bounds every label below it."""
         conditionals = {
-            node.prefix: _renormalise(node.children, branch_logprobs[node.prefix]) for node in self.branches
+            node.prefix: _renormalise(node.children, branch_logprobs[node.prefix])
+            for node in self.branches
+            if node.prefix in branch_logprobs
         }
-        probs = []
+        branch_prefixes = {node.prefix for node in self.branches}
+        probs: list[float | None] = []
+        pending: dict[tuple[int, ...], float] = {}
         for seq in self.sequences:
-            p = 1.0
+            p, missing = 1.0, None
             for depth in range(len(seq)):
-                step = conditionals.get(seq[:depth])
-                if step is not None:
-                    p *= step[seq[depth]]
-            probs.append(p)
-        return probs
+                prefix = seq[:depth]
+                if prefix in conditionals:
+                    p *= conditionals[prefix][seq[depth]]
+                elif prefix in branch_prefixes:
+                    missing = prefix
+                    break
+            if missing is not None:
+                pending[missing] = p
+            probs.append(p if missing is None else None)
+        return probs, pending
+
+    def branches_under(self, prefix: tuple[int, ...]) -> list[BranchNode]:
+        """The branch nodes at or below `prefix`, shallowest first."""
+        return [node for node in self.branches if node.prefix[: len(prefix)] == prefix]
 
 
 def _renormalise(children: Sequence[int], logprobs: Mapping[int, float]) -> dict[int, float]:

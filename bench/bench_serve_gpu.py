@@ -126,6 +126,11 @@ def budgets(args: argparse.Namespace) -> list[int | None]:
     return [int(x) for x in args.soft_tokens.split(",")] if args.soft_tokens else [None]
 
 
+def top_ks(args: argparse.Namespace) -> list[int | None]:
+    """How many labels each petbreed answer must get exactly; None: the whole distribution."""
+    return [None if x == "all" else int(x) for x in args.top_k.split(",")]
+
+
 def reference_prompt(processor: Any, labels: list[str]) -> str:
     """The public recipe's prompt: the image plus an instruction listing every breed."""
     instruction = ("Identify the breed of the pet in this image. Answer with exactly one of: "
@@ -167,12 +172,14 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     seed0 = 0
     for budget in budgets(args):
         classifier = replace(engine, soft_tokens=budget)
+        for top_k in top_ks(args):
 
-        async def petbreed(image: Image.Image, classifier: Any = classifier) -> None:
-            await classifier.classify([image], entry)
+            async def petbreed(image: Image.Image, classifier: Any = classifier, top_k: int | None = top_k) -> None:
+                await classifier.classify([image], entry, top_k)
 
-        rows += await sweep(f"petbreed_engine_{budget or 'default'}", petbreed, images, levels, args.scale, seed0)
-        seed0 += 1_000_000
+            name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
+            rows += await sweep(name, petbreed, images, levels, args.scale, seed0)
+            seed0 += 1_000_000
 
     if args.no_reference:
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
@@ -312,6 +319,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--images", type=Path, help="take images from this folder instead of generating them")
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
+    ap.add_argument("--top-k", default="all", help="engine: top-k values to sweep, e.g. all,5,1 (HTTP: the API's 5)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)

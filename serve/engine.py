@@ -13,6 +13,11 @@ mask as a max_num_seqs x vocabulary tensor and rewrites a 262k row for every req
 of the engine core's time on an H200.) vLLM returns at most 128 ids per request, so a node with
 more children is asked in chunks; full-vocabulary log-probabilities of one prefix combine exactly.
 
+When the caller wants only the top k labels, deeper nodes are asked only where the root leaves
+them a chance: a subtree reached with probability p holds no label above p, so one whose p is
+not above the k-th largest label probability the root already decides is skipped. The top k and
+their probabilities are exact; labels that cannot be among them may be reported as 0.
+
 Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
 `AsyncEngineArgs`, SamplingParams, LoRARequest and prompt dicts.
 """
@@ -42,7 +47,11 @@ MAX_IDS_PER_REQUEST = 128  # vLLM's cap on `logprob_token_ids` (MAX_LOGPROB_TOKE
 class Classifier(Protocol):
     """What the API needs from an engine (the real one below; the benchmark calls it directly)."""
 
-    async def classify(self, images: Sequence[Image.Image], entry: AdapterEntry) -> list[list[float]]: ...
+    async def classify(
+        self, images: Sequence[Image.Image], entry: AdapterEntry, top_k: int | None = None
+    ) -> list[list[float]]:
+        """P(label | image) per image. With top_k, labels that cannot be among the top_k may be 0."""
+        ...
     async def load_adapter(self, entry: AdapterEntry) -> None: ...
     def dead(self) -> bool: ...
     def shutdown(self) -> None: ...
@@ -115,21 +124,27 @@ class VllmClassifier:
         """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
         await self.engine.add_lora(lora_request(entry))
 
-    async def classify(self, images: Sequence[Image.Image], entry: AdapterEntry) -> list[list[float]]:
-        return list(await asyncio.gather(*(self._one(image, entry) for image in images)))
+    async def classify(
+        self, images: Sequence[Image.Image], entry: AdapterEntry, top_k: int | None = None
+    ) -> list[list[float]]:
+        return list(await asyncio.gather(*(self._one(image, entry, top_k) for image in images)))
 
-    async def _one(self, image: Image.Image, entry: AdapterEntry) -> list[float]:
+    async def _one(self, image: Image.Image, entry: AdapterEntry, top_k: int | None) -> list[float]:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
         image_input = self._image_input(image)
-        root, *deeper = trie.branches
+        root = trie.branches[0]
         found = {root.prefix: await self._next_token(image_input, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
-        # reuse the image's KV blocks (and the encoder cache its vision features).
+        # reuse the image's KV blocks (and the encoder cache its vision features). And only the
+        # subtrees that can still hold one of the top k labels: the root decides the rest.
+        probs, pending = trie.resolve(found)
+        bound = _kth_largest([p for p in probs if p is not None], top_k)
+        deeper = [node for prefix, mass in pending.items() if mass > bound for node in trie.branches_under(prefix)]
         rest = await asyncio.gather(*(self._next_token(image_input, entry, node) for node in deeper))
         found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
-        return trie.distribution(found)
+        return [0.0 if p is None else p for p in trie.resolve(found)[0]]
 
     def _image_input(self, image: Image.Image) -> dict[str, Any]:
         """The image part of a prompt. Every request about this image carries the same fresh id, so
@@ -177,6 +192,13 @@ class VllmClassifier:
             # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily
             # if it only runs at interpreter exit.
             del engine
+
+
+def _kth_largest(values: list[float], k: int | None) -> float:
+    """A label below a node reached with probability <= this cannot enter the top k."""
+    if k is None or len(values) < k:
+        return 0.0
+    return sorted(values, reverse=True)[k - 1]
 
 
 def lora_request(entry: AdapterEntry) -> Any:

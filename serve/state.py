@@ -179,16 +179,16 @@ class ServerState:
         entry = self.resolve(ref)
         with self.admit(len(images)):
             decoded = await asyncio.to_thread(self._decode_all, images)
-            distributions = await self._classify(decoded, entry)
+            distributions = await self._classify(decoded, entry, top_k)
         predictions = [self._prediction(entry, probs, top_k) for probs in distributions]
         self.metrics.predictions.labels(entry.ref).inc(len(predictions))
         self.metrics.uncertain.labels(entry.ref).inc(sum(p.uncertain for p in predictions))
         return entry.ref, predictions
 
-    async def _classify(self, images: list[Image.Image], entry: AdapterEntry) -> list[list[float]]:
+    async def _classify(self, images: list[Image.Image], entry: AdapterEntry, top_k: int) -> list[list[float]]:
         engine = self.engine()
         try:
-            return await engine.classify(images, entry)
+            return await engine.classify(images, entry, top_k)
         except Exception:
             if engine.dead():
                 # Not recoverable in-process: fail liveness so the platform restarts us.

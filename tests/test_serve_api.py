@@ -180,6 +180,17 @@ def test_every_route_gives_the_same_answer(client: httpx.Client, test_images: li
         assert full_distribution(other) == pytest.approx(full_distribution(multipart), abs=1e-9)
 
 
+def test_a_top_1_answer_is_the_full_distributions_winner_with_its_probability(
+    client: httpx.Client, test_images: list[tuple[str, Path]]
+) -> None:
+    """With top_k=1 the server may skip deeper label-trie nodes; what it answers must not change."""
+    for _, path in test_images[:4]:
+        full = predict_files(client, [jpeg(path)], adapter="pets@1", top_k="6").json()["predictions"][0]
+        one = predict_files(client, [jpeg(path)], adapter="pets@1", top_k="1").json()["predictions"][0]
+        assert one["label"] == full["label"]
+        assert one["confidence"] == pytest.approx(full["confidence"], abs=1e-6)
+
+
 def test_top_k_limits_the_list(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
     response = predict_files(client, [jpeg(test_images[0][1])], adapter="pets@1", top_k="2")
     assert len(response.json()["predictions"][0]["top_k"]) == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from adapter_contract.labels import LabelTrie
@@ -18,15 +19,20 @@ from serve.engine import MAX_IDS_PER_REQUEST, VllmClassifier
 
 
 class RecordingEngine:
-    """Answers each request with log p(token) = -token / 100 for the ids it asked about."""
+    """Answers each request with log p(token) for the ids it asked about: from `probs` where given,
+    else -token / 100."""
 
-    def __init__(self) -> None:
+    def __init__(self, probs: dict[int, float] | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.probs = probs or {}
 
     async def generate(self, prompt: dict[str, Any], params: Any, **_: Any) -> AsyncIterator[Any]:
         self.requests.append({"prompt": prompt, "ids": list(params.logprob_token_ids)})
-        logprobs = {t: SimpleNamespace(logprob=-t / 100) for t in params.logprob_token_ids}
+        logprobs = {t: SimpleNamespace(logprob=self._logprob(t)) for t in params.logprob_token_ids}
         yield SimpleNamespace(outputs=[SimpleNamespace(logprobs=[logprobs])])
+
+    def _logprob(self, token: int) -> float:
+        return math.log(self.probs[token]) if token in self.probs else -token / 100
 
 
 def entry_for(trie: LabelTrie) -> Any:
@@ -62,3 +68,23 @@ def test_every_request_about_one_image_names_it_with_the_same_id_and_other_image
     assert len(engine.requests) == 4  # two nodes for each image
     assert [len(uids) for uids in ids.values()] == [1, 1]
     assert len(set.union(*ids.values())) == 2
+
+
+def test_with_top_k_deeper_nodes_are_asked_only_where_a_top_label_can_hide() -> None:
+    # Root children 1, 4, 5; node (1,) decides between labels 1-2 and 1-3.
+    trie = LabelTrie([(1, 2), (1, 3), (4,), (5,)])
+    probs = {1: 0.05, 4: 0.9, 5: 0.05, 2: 0.5, 3: 0.5}
+
+    def classify(top_k: int | None) -> tuple[list[float], int]:
+        engine = RecordingEngine(probs)
+        [out] = asyncio.run(VllmClassifier(engine).classify([Image.new("RGB", (8, 8))], entry_for(trie), top_k))
+        return out, len(engine.requests)
+
+    full, asked = classify(None)
+    assert full == pytest.approx([0.025, 0.025, 0.9, 0.05]) and asked == 2
+    top1, asked = classify(1)  # subtree (1,) holds at most 0.05 < 0.9: skipped
+    assert top1 == pytest.approx([0.0, 0.0, 0.9, 0.05]) and asked == 1
+    top2, asked = classify(2)  # at most 0.05, not above the 2nd label's 0.05: skipped
+    assert top2 == top1 and asked == 1
+    top3, asked = classify(3)  # the root decides only 2 labels: the subtree is needed
+    assert top3 == pytest.approx(full) and asked == 2

@@ -61,7 +61,8 @@ def folder_images(folder: Path) -> Images:
         raise SystemExit(f"no images under {folder}")
 
     def image(seed: int) -> Image.Image:
-        img = Image.open(files[seed % len(files)]).convert("RGB")
+        # A multiplicative hash, so consecutive seeds mix the folder's classes in every sweep.
+        img = Image.open(files[seed * 2654435761 % len(files)]).convert("RGB")
         img.putpixel((0, 0), (seed % 256, seed // 256 % 256, seed // 65536 % 256))
         return img
 

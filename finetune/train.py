@@ -235,8 +235,10 @@ def _accuracy(run: Run) -> float:
 def _checkpoint(run: Run, step: int) -> None:
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "rng": checkpoints.rng_state(), "step": step}
-    checkpoints.save(run.storage, step, run.accelerator.unwrap_model(run.model), state, run.settings.keep_checkpoints)
+    # Metrics first: a kill between the two then leaves a resumable checkpoint whose steps are all
+    # logged (the other order lost the log of every step before it).
     _save_records(run)
+    checkpoints.save(run.storage, step, run.accelerator.unwrap_model(run.model), state, run.settings.keep_checkpoints)
 
 
 def finish(run: Run) -> TrainResult:

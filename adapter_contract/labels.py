@@ -99,23 +99,25 @@ class LabelTrie:
         """What some branch nodes' log-probabilities decide: each label's probability (None where
         a node on its path is missing) and, for each missing node first met on a path, the
         probability of reaching it, which bounds every label below it."""
-        conditionals = {
+        # Every branch node's choice among its children; None where its log-probabilities are missing.
+        choices = {
             node.prefix: _renormalise(node.children, branch_logprobs[node.prefix])
+            if node.prefix in branch_logprobs else None
             for node in self.branches
-            if node.prefix in branch_logprobs
         }
-        branch_prefixes = {node.prefix for node in self.branches}
         probs: list[float | None] = []
         pending: dict[tuple[int, ...], float] = {}
         for seq in self.sequences:
             p, missing = 1.0, None
             for depth in range(len(seq)):
                 prefix = seq[:depth]
-                if prefix in conditionals:
-                    p *= conditionals[prefix][seq[depth]]
-                elif prefix in branch_prefixes:
+                if prefix not in choices:
+                    continue  # one child: forced
+                choice = choices[prefix]
+                if choice is None:
                     missing = prefix
                     break
+                p *= choice[seq[depth]]
             if missing is not None:
                 pending[missing] = p
             probs.append(p if missing is None else None)

@@ -133,7 +133,7 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter
     model = load_adapter(base, start_from, trainable=True) if start_from else add_lora(base, settings.lora)
-    if settings.compile if settings.compile is not None else on_gpu:
+    if on_gpu if settings.compile is None else settings.compile:
         log.info("compiling %d blocks on first use", compile_blocks(model))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay

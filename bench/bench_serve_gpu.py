@@ -13,6 +13,9 @@ the same vLLM engine, in one run (H200; runs on CPU with the tiny model for a sm
   posting multipart JPEGs to /v1/predict.
 Every request carries an image never seen before, so no cache flatters the numbers. A 37-breed
 rank-16 LoRA adapter (random weights) is published first with petbreed's own registry code.
+
+engine --anatomy N first times the parts of ONE classification at concurrency 1, N times each
+(see `anatomy`): where the single-image latency goes, and the floors under it.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
 
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
-                        max_num_batched_tokens=args.max_batched_tokens)
+                        max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -168,6 +171,9 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     entry = state.resolve(None)
     engine = state.engine()
     levels = [int(x) for x in args.levels.split(",")]
+    result: dict[str, Any] = {"engine_start_s": round(start_s, 1)}
+    if args.anatomy:
+        result["anatomy"] = await anatomy(args, state, images)
     rows = []
     # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
     seed0 = 0
@@ -183,7 +189,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
             seed0 += 1_000_000
 
     if args.no_reference:
-        return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
+        return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
     texts = [label.text for label in entry.manifest.labels.labels]
     prompt = reference_prompt(state.tables().processor, texts)
 
@@ -207,8 +213,87 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         row = await measure(reference(128), images, level, max(4, level), 200_000)
         rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
-    return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
-            "ratios": ratios(rows, levels, rows[0]["way"])}
+    return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, rows[0]["way"])}
+
+
+async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
+    """Where one classification's time goes at concurrency 1 (first image budget): its parts and
+    the floors under it, each timed alone, `args.anatomy` times in a row after 3 warm-up calls.
+
+    hf_image_processor  the Hugging Face image processor alone, in this process
+    text_only           one root request with no image, as long as an image prompt: the LM floor
+    root_same_image     the root request on one image and id every time: vLLM's processor, encoder
+                        and prefix caches all hit, so what is left is the per-request overhead
+    root_fresh_image    the root request on a new image: one full first round
+    classify            petbreed's classify on a new image (root, then the deeper nodes)
+    classify_top1       the same with top_k=1
+    """
+    from vllm import SamplingParams
+
+    from bench.bench_serve import bounded_loop
+    from serve.engine import MAX_IDS_PER_REQUEST, lora_request
+
+    entry = state.resolve(None)
+    budget = budgets(args)[0]
+    classifier = replace(state.engine(), soft_tokens=budget)
+    processor = state.tables().processor
+    root = entry.prompt.trie.branches[0]
+    root_ids = [*entry.prompt_token_ids, *root.prefix]
+    soft = {} if budget is None else {"max_soft_tokens": budget}
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(root.children[:MAX_IDS_PER_REQUEST]))
+
+    async def generate(prompt: dict[str, Any]) -> None:
+        async for _ in classifier.engine.generate(prompt, params, request_id=uuid.uuid4().hex,
+                                                  lora_request=lora_request(entry)):
+            pass
+
+    def image_prompt(image: Image.Image, image_id: str) -> dict[str, Any]:
+        """The root request as `VllmClassifier._one` makes it."""
+        prompt = {"prompt_token_ids": root_ids, "multi_modal_data": {"image": image},
+                  "multi_modal_uuids": {"image": [image_id]}}
+        return prompt | ({"mm_processor_kwargs": soft} if soft else {})
+
+    # The text-only prompt puts ordinary tokens where vLLM would expand the image placeholder
+    # (<boi>, one token per soft token, <eoi>), led by a number unique to the call: an identical
+    # prompt would be a prefix-cache hit, not a prefill.
+    tokenizer = processor.tokenizer
+    first = processor.image_processor(images=[images(399_999)], return_tensors="pt", **soft)
+    expanded = int(first["num_soft_tokens_per_image"][0]) + 2
+    placeholders = {processor.image_token_id, *tokenizer.convert_tokens_to_ids([processor.boi_token,
+                                                                                processor.eoi_token])}
+    at = next(i for i, t in enumerate(root_ids) if t in placeholders)
+    text_ids = [t for t in root_ids if t not in placeholders]
+    filler = tokenizer.encode(" the", add_special_tokens=False)[-1]
+
+    def text_prompt(seed: int) -> dict[str, Any]:
+        unique = tokenizer.encode(f" {seed:07d}", add_special_tokens=False)
+        return {"prompt_token_ids": [*text_ids[:at], *unique, *[filler] * (expanded - len(unique)), *text_ids[at:]]}
+
+    async def hf_image_processor(image: Image.Image) -> None:
+        # Called directly, blocking the event loop: at concurrency 1 nothing else waits on it.
+        processor.image_processor(images=[image], return_tensors="pt", **soft)
+
+    same = image_prompt(images(399_998), uuid.uuid4().hex)
+    parts: list[tuple[str, Callable[[Any], Awaitable[Any]], Callable[[int], Any]]] = [
+        ("hf_image_processor", hf_image_processor, images),
+        ("text_only", generate, text_prompt),
+        ("root_same_image", generate, lambda seed: same),
+        ("root_fresh_image", generate, lambda seed: image_prompt(images(seed), uuid.uuid4().hex)),
+        ("classify", lambda image: classifier.classify([image], entry, None), images),
+        ("classify_top1", lambda image: classifier.classify([image], entry, 1), images),
+    ]
+    rows = []
+    for i, (name, call, make) in enumerate(parts):
+        # Inputs made before the clock starts, each part from its own seeds: no cache hit but the one meant.
+        seed0 = 400_000 + 10_000 * i
+        await bounded_loop(call, [make(seed) for seed in range(seed0, seed0 + 3)], 1)
+        _, latencies = await bounded_loop(call, [make(seed) for seed in range(seed0 + 3, seed0 + 3 + args.anatomy)], 1)
+        latencies.sort()
+        rows.append({"part": name, "budget": budget, "calls": len(latencies),
+                     "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+                     "p90_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.9))], 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def ratios(rows: list[dict[str, Any]], levels: list[int], ours_way: str) -> dict[str, float]:
@@ -322,6 +407,10 @@ def main() -> None:
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
     ap.add_argument("--top-k", default="all", help="engine: top-k values to sweep, e.g. all,5,1 (HTTP: the API's 5)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
+    ap.add_argument("--anatomy", type=int, default=0, metavar="N",
+                    help="engine: first time each part of one classification N times at concurrency 1 (0: off)")
+    ap.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
+                    help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

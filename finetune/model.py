@@ -85,8 +85,13 @@ def compile_blocks(model: Any) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in kinds and type(m).__name__.endswith("Layer")]
+    # Gemma 4's layers of one class still differ (sliding or global attention, KV-sharing, wider
+    # MLPs, the first layer's input needing no gradient), and each variant is its own graph. Past
+    # dynamo's default of 8 graphs per function the remaining layers silently ran eagerly (seen on
+    # E4B: MFU 26 %). Dynamic shapes keep a new padded length from costing another graph.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks) + 1)
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=True)
     return len(blocks)
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.settings import ServeSettings
-from serve.vllm_compat import tower_lora_supported
+from serve.vllm_compat import COMPILE_VISION_ENV, tower_lora_supported
 
 log = logging.getLogger("petbreed.serve.engine")
 
@@ -65,6 +65,8 @@ def set_vllm_environment(settings: ServeSettings) -> None:
     # The engine may be built off the main thread (so /healthz answers during start-up); forking
     # a threaded process is unsafe, so the engine core is spawned. Entry points have a main guard.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    compile_vision = settings.vllm.compile_vision_tower
+    os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))
 
 
 def engine_args(settings: ServeSettings, model_path: str) -> Any:

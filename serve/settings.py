@@ -35,6 +35,11 @@ class VllmSettings(BaseModel):
     max_num_seqs: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
+    compile_vision_tower: bool | None = Field(
+        None, description="torch.compile Gemma 4's vision tower in the engine (vLLM runs transformers' module "
+        "eagerly; on an H200 compiling took a new image from 76 to 58 ms at concurrency 1 and raised saturated "
+        "throughput 1.6x); None: with CUDA"
+    )
     enable_prefix_caching: bool = True
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
     max_soft_tokens: int | None = Field(

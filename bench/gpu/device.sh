@@ -12,7 +12,7 @@ T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
 export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 MODEL=/root/models/e4b DATA=/root/data/pets448
-# e.g. SERVE_FLAGS="--graphs --scale 0.5"
+# e.g. SERVE_FLAGS="--graphs --scale 0.5 --top-k all,5", ANATOMY=20 (serve-engine: one classification's parts)
 SERVE_FLAGS=${SERVE_FLAGS:-}
 mkdir -p "$OUT" /root/models /root/data /root/extra
 left() { echo $(( LIMIT - $(date +%s) + T0 )); }
@@ -46,8 +46,8 @@ for s in "$@"; do
              make_tiny_model(Path(\"/root/models/tiny\"), TinyModelConfig())'" || exit 1 ;;
     serve-smoke) step serve-smoke 120 "timeout 240 python3 bench/bench_serve_gpu.py engine --model /root/models/tiny \
              --levels 1,8 --scale 0.3 --image-size 96 --json $OUT/serve_smoke.json" || exit 1 ;;
-    serve-engine) step serve-engine 240 "python3 bench/bench_serve_gpu.py engine --model $MODEL $SERVE_FLAGS \
-             --soft-tokens ${SOFT:-280,140,70} --json $OUT/serve_engine.json" ;;
+    serve-engine) step serve-engine ${NEED:-240} "python3 bench/bench_serve_gpu.py engine --model $MODEL $SERVE_FLAGS \
+             --soft-tokens ${SOFT:-280,140,70} --anatomy ${ANATOMY:-0} --json $OUT/serve_engine.json" ;;
     serve-http) step serve-http 180 "python3 bench/bench_serve_gpu.py http --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280} --json $OUT/serve_http.json" ;;
     serve-spy) step serve-spy 240 "bash bench/gpu/profile_serve.sh $MODEL $OUT --graphs --levels 8,256 --scale 1 \

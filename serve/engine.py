@@ -174,7 +174,9 @@ class VllmClassifier:
     ) -> dict[int, float]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
+        # Token ids are all petbreed reads: no text for the sampled token or the up to 128 asked-for
+        # ones, which vLLM would otherwise decode on its one front-end thread for every request.
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids), detokenize=False)
         final = None
         async for output in self.engine.generate(
             prompt, params, request_id=uuid.uuid4().hex, lora_request=lora_request(entry)

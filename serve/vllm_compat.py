@@ -11,11 +11,12 @@ intent: scale by the number of images the encoder budget can hold; this does tha
 
 The vision tower is transformers' own module, which vLLM runs eagerly: on an H200 a new 448 px
 image cost 60 ms more than a cached one at concurrency 1 (76 against 16 ms), while the image
-processor took 3 ms and the tower's arithmetic is about 1 ms. The rest is launching hundreds of
-small kernels (norms, clipping, rotary embeddings) from Python. With COMPILE_VISION_ENV set to 1
-the tower's patch embedder, encoder and pooler are torch.compiled (dynamic shapes: one graph for
-every batch of images); vLLM's start-up profiling run triggers the compilation. Measured: 58 ms
-for a new image at concurrency 1, 1.6x the saturated throughput (docs/performance.md).
+processor took 3 ms and the tower's arithmetic is about 1 ms. Eagerly, the tower launches
+hundreds of small kernels (norms, clipping, rotary embeddings) from Python. With
+COMPILE_VISION_ENV set to 1 the tower's patch embedder, encoder and pooler are torch.compiled
+(dynamic shapes: one graph for every batch of images); vLLM's start-up profiling run triggers
+the compilation. Measured: 58 ms for a new image at concurrency 1 (the remaining 41 ms over a
+cached image are not yet accounted for), 1.6x the saturated throughput (docs/performance.md).
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -32,7 +33,7 @@ COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 
 
 class PetbreedWorkerExtension:
-    """Passed as `worker_extension_cls`; importing this module applies the fix. No methods."""
+    """Passed as `worker_extension_cls`; importing this module applies the changes. No methods."""
 
 
 def _patch_gemma4_tower_lora_budget() -> None:

@@ -65,6 +65,7 @@ def set_vllm_environment(settings: ServeSettings) -> None:
     # The engine may be built off the main thread (so /healthz answers during start-up); forking
     # a threaded process is unsafe, so the engine core is spawned. Entry points have a main guard.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # Not a user-facing variable (the setting is): it carries the setting to the spawned workers.
     compile_vision = settings.vllm.compile_vision_tower
     os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))
 

@@ -379,13 +379,12 @@ def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
     import torch
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
+    from bench.bench_train import matmul_param_counts
+
     config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         meta = Gemma4ForConditionalGeneration._from_config(config)
-    counts = {"vision": 0, "text": 0}
-    for name, p in meta.named_parameters():
-        if "embed" not in name:
-            counts["vision" if "vision" in name else "text"] += p.numel()
+    counts = matmul_param_counts(meta)
     patches = soft_tokens * config.vision_config.pooling_kernel_size**2
     prompt_tokens = soft_tokens + 25
     flops = 2 * counts["vision"] * patches + 2 * counts["text"] * prompt_tokens

@@ -38,8 +38,13 @@ H200_BF16_FLOPS = 989e12
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def matmul_params(model: Any) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lora_" not in name)
+def matmul_param_counts(model: Any) -> dict[str, int]:
+    """Base parameters outside embedding tables (no LoRA), split into vision tower and the rest."""
+    counts = {"vision": 0, "text": 0}
+    for name, p in model.named_parameters():
+        if "embed" not in name and "lora_" not in name:
+            counts["vision" if "vision_tower" in name else "text"] += p.numel()
+    return counts
 
 
 def model_flops_per_sample(model: Any, tokens_per_sample: float) -> float:
@@ -48,10 +53,7 @@ def model_flops_per_sample(model: Any, tokens_per_sample: float) -> float:
     matrix multiplies plus attention scores and values."""
     vision = model.get_base_model().config.vision_config
     patches = vision.default_output_length * vision.pooling_kernel_size**2
-    counts = {"vision": 0, "text": 0}
-    for name, p in model.named_parameters():
-        if "embed" not in name and "lora_" not in name:
-            counts["vision" if "vision_tower" in name else "text"] += p.numel()
+    counts = matmul_param_counts(model)
     attention = 4 * patches**2 * vision.hidden_size * vision.num_hidden_layers
     return 4 * counts["text"] * tokens_per_sample + 2 * counts["vision"] * patches + attention
 
@@ -68,7 +70,7 @@ def summarise(name: str, step_seconds: list[float], samples_per_step: int, token
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"way": name, "samples_per_s": round(samples_per_s, 2),
             "tokens_per_s": round(samples_per_s * tokens_per_sample), "step_s_median": round(seconds, 3),
-            "mfu": mfu(4 * matmul_params(model) * tokens_per_sample),
+            "mfu": mfu(4 * sum(matmul_param_counts(model).values()) * tokens_per_sample),
             "mfu_model_flops": mfu(model_flops_per_sample(model, tokens_per_sample)),
             "peak_memory_gib": peak and round(peak, 1), "steps_timed": len(step_seconds)}
 

@@ -5,8 +5,8 @@ engine is asked for ONE next token and the log-probabilities of the node's child
 
     SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=children)
 
-These are the model's full-vocabulary log-probabilities; `LabelTrie.distribution` renormalises
-them over the children. The product over branch nodes is the label's probability under
+These are the model's full-vocabulary log-probabilities; `LabelTrie.resolve` renormalises them
+over the children. The product over branch nodes is the label's probability under
 label-constrained decoding, the quantity `finetune.scoring.label_distributions` computes with
 transformers + PEFT. (An `allowed_token_ids` mask gives the same numbers, but vLLM keeps that
 mask as a max_num_seqs x vocabulary tensor and rewrites a 262k row for every request: over half

@@ -36,14 +36,25 @@ class PetbreedWorkerExtension:
     """Passed as `worker_extension_cls`; importing this module applies the changes. No methods."""
 
 
-def _patch_gemma4_tower_lora_budget() -> None:
+def _gemma4_class() -> Any:
+    """vLLM's Gemma 4 multimodal model class; None in a vLLM without it (nothing to change)."""
     try:
         from vllm.model_executor.models import gemma4_mm
-    except ImportError:  # a vLLM without Gemma 4 multimodal support: nothing to fix
-        return
-    model_cls = getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
-    original = getattr(model_cls, "get_mm_lora_token_counts", None)
-    if model_cls is None or original is None or getattr(original, "_petbreed_patched", False):
+    except ImportError:
+        return None
+    return getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
+
+
+def _unpatched(model_cls: Any, method: str) -> Any:
+    """`model_cls.method` if there is one that petbreed has not wrapped yet, else None."""
+    original = getattr(model_cls, method, None) if model_cls is not None else None
+    return None if original is None or getattr(original, "_petbreed_patched", False) else original
+
+
+def _patch_gemma4_tower_lora_budget() -> None:
+    model_cls = _gemma4_class()
+    original = _unpatched(model_cls, "get_mm_lora_token_counts")
+    if original is None:
         return
 
     def get_mm_lora_token_counts(
@@ -63,13 +74,9 @@ def _patch_gemma4_tower_lora_budget() -> None:
 
 
 def _patch_gemma4_vision_compile() -> None:
-    try:
-        from vllm.model_executor.models import gemma4_mm
-    except ImportError:
-        return
-    model_cls = getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
-    original = getattr(model_cls, "__init__", None)
-    if model_cls is None or original is None or getattr(original, "_petbreed_patched", False):
+    model_cls = _gemma4_class()
+    original = _unpatched(model_cls, "__init__")
+    if original is None:
         return
 
     @functools.wraps(original)  # vLLM reads the signature (keyword-only `vllm_config`)
@@ -95,8 +102,4 @@ def tower_lora_supported() -> bool:
     `enable_tower_connector_lora=True`. An adapter with such weights would then silently answer
     differently from how it was trained and evaluated, so the adapter table refuses it instead.
     """
-    try:
-        from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
-    except ImportError:
-        return False
-    return bool(getattr(Gemma4ForConditionalGeneration, "supports_tower_connector_lora", False))
+    return bool(getattr(_gemma4_class(), "supports_tower_connector_lora", False))

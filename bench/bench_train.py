@@ -51,7 +51,8 @@ def model_flops_per_sample(model: Any, tokens_per_sample: float) -> float:
     """Language model: forward + input gradients over the tokens. Vision tower: forward only, over
     its patches (Gemma 4 resizes every image to fill its budget: soft tokens x pooling area),
     matrix multiplies plus attention scores and values."""
-    vision = model.get_base_model().config.vision_config
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = base.config.vision_config
     patches = vision.default_output_length * vision.pooling_kernel_size**2
     counts = matmul_param_counts(model)
     attention = 4 * patches**2 * vision.hidden_size * vision.num_hidden_layers

@@ -16,6 +16,8 @@ rank-16 LoRA adapter (random weights) is published first with petbreed's own reg
 
 engine --anatomy N first times the parts of ONE classification at concurrency 1, N times each
 (see `anatomy`): where the single-image latency goes, and the floors under it.
+engine --torch-profile DIR first records the engine under vLLM's torch profiler (see
+`torch_profiles`); `bench/gpu/trace_top.py DIR/c1` summarises a window.
 """
 
 from __future__ import annotations
@@ -152,8 +154,10 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, imag
     from serve.metrics import Metrics
     from serve.state import ServerState
 
-    state = ServerState(serve_settings(args, registry, cache), Metrics())
+    settings = serve_settings(args, registry, cache)
     t0 = time.perf_counter()
+    classifier = await asyncio.to_thread(profiled_classifier, args, settings) if args.torch_profile else None
+    state = ServerState(settings, Metrics(), classifier)
     await state.start()
     try:
         if not state.ready:
@@ -161,6 +165,59 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, imag
         return await engine_sweeps(args, state, images, time.perf_counter() - t0)
     finally:
         await state.stop()  # the engine core is a child process: never leave it behind
+        if classifier is not None:
+            classifier.shutdown()
+
+
+def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
+    """petbreed's engine, built as `VllmClassifier.start` builds it, plus vLLM's torch profiler
+    (off until `start_profile`), whose traces and kernel table go to --torch-profile."""
+    from vllm import AsyncLLMEngine
+    from vllm.config import ProfilerConfig
+
+    from serve.engine import VllmClassifier, engine_args, set_vllm_environment
+
+    set_vllm_environment(settings)
+    engine = engine_args(settings, str(args.model))
+    # No Python stacks and no front-end trace: both would slow the processes being measured.
+    engine.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(args.torch_profile.resolve()),
+                                            torch_profiler_with_stack=False, ignore_frontend=True)
+    return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens)
+
+
+async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
+    """Two windows of the engine under vLLM's torch profiler, each moved into its own folder of
+    --torch-profile: `c1`, 12 classifications one at a time, and `saturated`, 1.5 s in the middle of
+    a load at concurrency 256. Returns the wall time of each window."""
+    from bench.bench_serve import bounded_loop
+
+    entry = state.resolve(None)
+    classifier = replace(state.engine(), soft_tokens=budgets(args)[0])
+    top_k = top_ks(args)[0]
+
+    async def call(image: Image.Image) -> None:
+        await classifier.classify([image], entry, top_k)
+
+    async def window(name: str, work: Awaitable[Any]) -> float:
+        await classifier.engine.start_profile()
+        t0 = time.perf_counter()
+        await work
+        seconds = time.perf_counter() - t0
+        await classifier.engine.stop_profile()
+        folder = args.torch_profile / name
+        folder.mkdir()
+        for made in args.torch_profile.iterdir():
+            if made.is_file():
+                made.rename(folder / made.name)
+        return round(seconds, 3)
+
+    await bounded_loop(call, [images(seed) for seed in range(500_000, 500_003)], 1)
+    walls = {"c1": await window("c1", bounded_loop(call, [images(seed) for seed in range(500_003, 500_015)], 1))}
+    load = asyncio.create_task(bounded_loop(call, [images(seed) for seed in range(510_000, 511_024)], 256))
+    await asyncio.sleep(5)
+    walls["saturated"] = await window("saturated", asyncio.sleep(1.5))
+    await load
+    return walls
 
 
 async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, start_s: float) -> dict[str, Any]:
@@ -174,6 +231,8 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     result: dict[str, Any] = {"engine_start_s": round(start_s, 1)}
     if args.anatomy:
         result["anatomy"] = await anatomy(args, state, images)
+    if args.torch_profile:
+        result["torch_profile_windows_s"] = await torch_profiles(args, state, images)
     rows = []
     # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
     seed0 = 0
@@ -410,11 +469,15 @@ def main() -> None:
                     help="engine: first time each part of one classification N times at concurrency 1 (0: off)")
     ap.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
                     help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
+    ap.add_argument("--torch-profile", type=Path, metavar="DIR",
+                    help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.torch_profile:
+        args.torch_profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         registry = args.registry or publish_bench_adapter(args.model, Path(tmp))
         run = engine_mode if args.mode == "engine" else http_mode

@@ -74,6 +74,11 @@ def folder_images(folder: Path) -> Images:
     return image
 
 
+def progress(message: str) -> None:
+    """A timestamped line on stderr (stdout carries only result rows)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def publish_bench_adapter(model: Path, root: Path) -> str:
     """A rank-16 LoRA on the language model with a 37-breed manifest, in a fresh local registry."""
     from adapter_contract.labels import LabelSet
@@ -159,6 +164,7 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, imag
     classifier = await asyncio.to_thread(profiled_classifier, args, settings) if args.torch_profile else None
     state = ServerState(settings, Metrics(), classifier)
     await state.start()
+    progress(f"engine ready after {time.perf_counter() - t0:.0f} s")
     try:
         if not state.ready:
             raise RuntimeError(state.failed)
@@ -181,13 +187,14 @@ def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
     engine = engine_args(settings, str(args.model))
     # No Python stacks and no front-end trace: both would slow the processes being measured.
     engine.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(args.torch_profile.resolve()),
-                                            torch_profiler_with_stack=False, ignore_frontend=True)
+                                            torch_profiler_with_stack=False, ignore_frontend=True,
+                                            torch_profiler_dump_cuda_time_total=False)
     return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens)
 
 
 async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
     """Two windows of the engine under vLLM's torch profiler, each moved into its own folder of
-    --torch-profile: `c1`, 12 classifications one at a time, and `saturated`, 1.5 s in the middle of
+    --torch-profile: `c1`, 12 classifications one at a time, and `saturated`, 0.5 s in the middle of
     a load at concurrency 256. Returns the wall time of each window."""
     from bench.bench_serve import bounded_loop
 
@@ -199,10 +206,12 @@ async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -
         await classifier.classify([image], entry, top_k)
 
     async def window(name: str, work: Awaitable[Any]) -> float:
+        progress(f"profile {name}: starting")
         await classifier.engine.start_profile()
         t0 = time.perf_counter()
         await work
         seconds = time.perf_counter() - t0
+        progress(f"profile {name}: {seconds:.2f} s recorded, writing the trace")
         await classifier.engine.stop_profile()
         folder = args.torch_profile / name
         folder.mkdir()
@@ -215,7 +224,7 @@ async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -
     walls = {"c1": await window("c1", bounded_loop(call, [images(seed) for seed in range(500_003, 500_015)], 1))}
     load = asyncio.create_task(bounded_loop(call, [images(seed) for seed in range(510_000, 511_024)], 256))
     await asyncio.sleep(5)
-    walls["saturated"] = await window("saturated", asyncio.sleep(1.5))
+    walls["saturated"] = await window("saturated", asyncio.sleep(0.5))
     await load
     return walls
 

@@ -252,9 +252,14 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
             async def petbreed(image: Image.Image, classifier: Any = classifier, top_k: int | None = top_k) -> None:
                 await classifier.classify([image], entry, top_k)
 
-            name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-            rows += await sweep(name, petbreed, images, levels, args.scale, seed0)
-            seed0 += 1_000_000
+            # vLLM's own CPU stacking of a step's images first, then petbreed's default (the last
+            # setting stays for the reference way).
+            for stacked in [True, False] if args.ab_image_batching else [False]:
+                await engine.engine.collective_rpc("petbreed_batch_images_on_cpu", args=(stacked,))
+                name = (f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
+                        + ("_vllm_cpu_stacking" if stacked else ""))
+                rows += await sweep(name, petbreed, images, levels, args.scale, seed0)
+                seed0 += 1_000_000
 
     if args.no_reference:
         return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
@@ -281,7 +286,8 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         row = await measure(reference(128), images, level, max(4, level), 200_000)
         rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
-    return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, rows[0]["way"])}
+    ours = next(r["way"] for r in rows if not r["way"].endswith("_vllm_cpu_stacking"))
+    return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
 
 
 async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
@@ -480,6 +486,8 @@ def main() -> None:
                     help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
+    ap.add_argument("--ab-image-batching", action="store_true",
+                    help="engine: each petbreed sweep also with vLLM's own CPU stacking of a step's images, first")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

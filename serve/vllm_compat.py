@@ -1,5 +1,5 @@
 """Changes to vLLM's Gemma 4, applied inside vLLM's worker processes: a fix for its tower/connector
-LoRA, and a compiled vision tower.
+LoRA, a compiled vision tower, and images handed to the tower without a CPU copy.
 
 vLLM sizes the LoRA index buffers of the vision tower from
 `Gemma4ForConditionalGeneration.get_mm_lora_token_counts(mm_kwargs=None, num_mm_embeds=budget)`,
@@ -18,6 +18,15 @@ COMPILE_VISION_ENV set to 1 the tower's patch embedder, encoder and pooler are t
 the compilation. Measured: 58 ms for a new image at concurrency 1 (the remaining 41 ms over a
 cached image are not yet accounted for), 1.6x the saturated throughput (docs/performance.md).
 
+Before the tower runs, vLLM stacks the step's images into one pinned CPU tensor: with 280 soft
+tokens an image is 2,520 patches of 768 bf16 values (3.9 MB), and on an H200 that copy was the
+engine core's largest CPU cost (a torch profile at concurrency 256: `aten::cat` 0.8 s of a 3 s
+window; py-spy: 36 % of the engine core's samples), while the GPU idled. Gemma 4's image code
+takes a list of per-image tensors as well (its path for images of different sizes), which vLLM
+then copies to the GPU one by one from the already-pinned receive buffers. So multi-dimensional
+per-item tensors are left as that list; `PetbreedWorkerExtension.petbreed_batch_images_on_cpu`
+switches vLLM's own stacking back on (benchmarks compare the two on one engine).
+
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """
@@ -32,8 +41,17 @@ from typing import Any
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 
 
+_images_apart = True  # in the worker process; see PetbreedWorkerExtension
+
+
 class PetbreedWorkerExtension:
-    """Passed as `worker_extension_cls`; importing this module applies the changes. No methods."""
+    """Passed as `worker_extension_cls`; importing this module applies the changes. Its methods
+    run in the worker through `AsyncLLM.collective_rpc(name, args=...)`."""
+
+    def petbreed_batch_images_on_cpu(self, on: bool) -> None:
+        """vLLM's own stacking of a step's images on the CPU (True) or petbreed's per-image list."""
+        global _images_apart
+        _images_apart = not on
 
 
 def _gemma4_class() -> Any:
@@ -91,8 +109,35 @@ def _patch_gemma4_vision_compile() -> None:
     model_cls.__init__ = __init__
 
 
+def _patch_images_apart() -> None:
+    try:
+        from vllm.multimodal.inputs import MultiModalBatchedField
+    except ImportError:
+        return
+    original = _unpatched(MultiModalBatchedField, "_reduce_data")
+    if original is None:
+        return
+
+    def _reduce_data(self: Any, batch: list[Any], *, pin_memory: bool) -> Any:
+        # Only per-item arrays (pixel values, patch positions): scalar fields such as frame counts
+        # are read as one tensor.
+        if _images_apart and batch and all(_is_cpu_array(item) for item in batch):
+            return list(batch)
+        return original(self, batch, pin_memory=pin_memory)
+
+    _reduce_data._petbreed_patched = True  # type: ignore[attr-defined]
+    MultiModalBatchedField._reduce_data = _reduce_data  # type: ignore[method-assign]
+
+
+def _is_cpu_array(item: Any) -> bool:
+    import torch
+
+    return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
+
+
 _patch_gemma4_tower_lora_budget()
 _patch_gemma4_vision_compile()
+_patch_images_apart()
 
 
 def tower_lora_supported() -> bool:

@@ -37,7 +37,7 @@ from PIL import Image
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.settings import ServeSettings
-from serve.vllm_compat import COMPILE_VISION_ENV, tower_lora_supported
+from serve.vllm_compat import COMPILE_VISION_ENV, IMAGES_APART_ENV, tower_lora_supported
 
 log = logging.getLogger("petbreed.serve.engine")
 
@@ -65,9 +65,10 @@ def set_vllm_environment(settings: ServeSettings) -> None:
     # The engine may be built off the main thread (so /healthz answers during start-up); forking
     # a threaded process is unsafe, so the engine core is spawned. Entry points have a main guard.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    # Not a user-facing variable (the setting is): it carries the setting to the spawned workers.
+    # Not user-facing variables (the settings are): they carry the settings to the spawned workers.
     compile_vision = settings.vllm.compile_vision_tower
     os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))
+    os.environ[IMAGES_APART_ENV] = str(int(not settings.vllm.stack_images_on_cpu))
 
 
 def engine_args(settings: ServeSettings, model_path: str) -> Any:

@@ -40,6 +40,11 @@ class VllmSettings(BaseModel):
         "eagerly; on an H200 compiling took a new image from 76 to 58 ms at concurrency 1 and raised saturated "
         "throughput 1.6x); None: with CUDA"
     )
+    stack_images_on_cpu: bool = Field(
+        True, description="vLLM's own copy of each engine step's images into one pinned CPU tensor before the "
+        "vision tower. false hands them over one by one: on an H200, 8 requests at once went from 14.0 to 23.1 "
+        "images/s, but 256 at once from 45.0 down to 36.4"
+    )
     enable_prefix_caching: bool = True
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
     max_soft_tokens: int | None = Field(

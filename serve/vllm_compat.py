@@ -21,11 +21,14 @@ cached image are not yet accounted for), 1.6x the saturated throughput (docs/per
 Before the tower runs, vLLM stacks the step's images into one pinned CPU tensor: with 280 soft
 tokens an image is 2,520 patches of 768 bf16 values (3.9 MB), and on an H200 that copy was the
 engine core's largest CPU cost (a torch profile at concurrency 256: `aten::cat` 0.8 s of a 3 s
-window; py-spy: 36 % of the engine core's samples), while the GPU idled. Gemma 4's image code
-takes a list of per-image tensors as well (its path for images of different sizes), which vLLM
-then copies to the GPU one by one from the already-pinned receive buffers. So multi-dimensional
-per-item tensors are left as that list; `PetbreedWorkerExtension.petbreed_batch_images_on_cpu`
-switches vLLM's own stacking back on (benchmarks compare the two on one engine).
+window; py-spy: 36 % of the engine core's samples). Gemma 4's image code takes a list of
+per-image tensors as well (its path for images of different sizes), which vLLM then copies to the
+GPU one by one straight from the receive buffers. With IMAGES_APART_ENV set to 1, multi-dimensional
+per-item tensors are left as that list. Measured on one engine (docs/performance.md): better at low
+concurrency (8 at once: 23.1 against 14.0 images/s), worse saturated (256 at once: 36.4 against
+45.0), where the copies from pageable memory wait for the GPU instead of overlapping it. So it is
+a setting, off by default; `PetbreedWorkerExtension.petbreed_batch_images_on_cpu` switches it
+on a running engine, for benchmarks that compare both ways on one engine.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -39,9 +42,10 @@ import os
 from typing import Any
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
+IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
 
 
-_images_apart = True  # in the worker process; see PetbreedWorkerExtension
+_images_apart = os.environ.get(IMAGES_APART_ENV) == "1"  # read in the worker process
 
 
 class PetbreedWorkerExtension:

@@ -3,23 +3,32 @@ The served answers with them in place are checked against transformers + PEFT in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+from serve.engine import set_vllm_environment
+from serve.settings import ServeSettings, VllmSettings
+from serve.vllm_compat import COMPILE_VISION_ENV, IMAGES_APART_ENV, PetbreedWorkerExtension
 
 
 @pytest.fixture
 def batched_field() -> Iterator[object]:
     from vllm.multimodal.inputs import MultiModalFieldConfig
 
-    import serve.vllm_compat as compat
-
     yield MultiModalFieldConfig.batched("image").field
-    compat.PetbreedWorkerExtension().petbreed_batch_images_on_cpu(False)
+    PetbreedWorkerExtension().petbreed_batch_images_on_cpu(True)  # the default
 
 
-def test_a_steps_images_reach_the_model_uncopied_and_scalars_still_stacked(batched_field: object) -> None:
+def test_by_default_vllm_stacks_a_steps_images(batched_field: object) -> None:
+    pixels = [torch.rand(6, 4), torch.rand(6, 4)]
+    assert torch.equal(batched_field._reduce_data(pixels, pin_memory=False), torch.stack(pixels))  # type: ignore[attr-defined]
+
+
+def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacked(batched_field: object) -> None:
+    PetbreedWorkerExtension().petbreed_batch_images_on_cpu(False)
     pixels = [torch.rand(6, 4), torch.rand(6, 4)]
     out = batched_field._reduce_data(pixels, pin_memory=False)  # type: ignore[attr-defined]
     assert isinstance(out, list) and all(a is b for a, b in zip(out, pixels, strict=True))
@@ -27,9 +36,11 @@ def test_a_steps_images_reach_the_model_uncopied_and_scalars_still_stacked(batch
     assert torch.equal(counts, torch.tensor([1, 2]))
 
 
-def test_vllms_own_stacking_can_be_switched_back_on(batched_field: object) -> None:
-    from serve.vllm_compat import PetbreedWorkerExtension
-
-    pixels = [torch.rand(6, 4), torch.rand(6, 4)]
-    PetbreedWorkerExtension().petbreed_batch_images_on_cpu(True)
-    assert torch.equal(batched_field._reduce_data(pixels, pin_memory=False), torch.stack(pixels))  # type: ignore[attr-defined]
+@pytest.mark.parametrize(("stack", "apart"), [(True, "0"), (False, "1")])
+def test_the_setting_reaches_the_engine_process_environment(
+    monkeypatch: pytest.MonkeyPatch, stack: bool, apart: str
+) -> None:
+    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV):  # restored after the test
+        monkeypatch.setenv(name, "unset")
+    set_vllm_environment(ServeSettings(vllm=VllmSettings(stack_images_on_cpu=stack)))
+    assert os.environ[IMAGES_APART_ENV] == apart

@@ -1,6 +1,6 @@
 """Summarise a torch-profiler window of the vLLM engine core (`bench_serve_gpu.py engine
 --torch-profile DIR` writes DIR/c1 and DIR/saturated): how busy the GPU was, which kernels held
-it, how long each model-runner phase took on the CPU and on the GPU, and each engine step.
+it, how long each model-runner range took on the CPU and on the GPU, and each engine step.
 
   python bench/gpu/trace_top.py DIR/c1 [--top 25] [--steps 24]
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 GPU_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}
-STEP_START = "gpu_model_runner: preprocess"
+STEP_MARKS = ("execute_context", "gpu_model_runner: preprocess")
 
 
 def load(folder: Path) -> list[dict[str, Any]]:
@@ -79,17 +79,17 @@ def self_times(events: list[dict[str, Any]], top: int) -> list[str]:
 
 
 def steps(events: list[dict[str, Any]], gpu: list[tuple[float, float]], limit: int) -> list[str]:
-    """One line per engine step (from one model-runner preprocess to the next): each CPU phase's
-    time and the GPU's busy time inside the step."""
-    phases = sorted((e for e in events if e["cat"] == "user_annotation" and e["name"].startswith("gpu_model_runner")),
-                    key=lambda e: e["ts"])
-    starts = [e["ts"] for e in phases if e["name"] == STEP_START]
+    """One line per engine step, from one step's model-runner range to the next: the range's CPU
+    time, the GPU's busy time up to the next step, and the range's name (vLLM 0.24 names it
+    `execute_context_<requests>(<new tokens>)_generation_<requests>(<tokens>)`)."""
+    marks = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_MARKS)),
+                   key=lambda e: e["ts"])
     lines = []
-    for begin, end in list(itertools.pairwise(starts))[:limit]:
-        inside = [e for e in phases if begin <= e["ts"] < end]
-        parts = " ".join(f"{e['name'].split(': ')[1]}={e['dur']:.1f}" for e in inside)
+    for mark, after in list(itertools.pairwise(marks))[:limit]:
+        begin, end = mark["ts"], after["ts"]
         busy = union_ms([(max(a, begin), min(b, end)) for a, b in gpu if b > begin and a < end])
-        lines.append(f"step {end - begin:7.1f} ms  gpu busy {busy:6.1f} ms  | {parts}")
+        lines.append(f"at {begin - marks[0]['ts']:8.1f} ms  step {end - begin:7.1f} ms  cpu {mark['dur']:6.1f} ms  "
+                     f"gpu busy {busy:6.1f} ms  {mark['name'][:70]}")
     return lines
 
 

@@ -1,5 +1,5 @@
 """Changes to vLLM's Gemma 4, applied inside vLLM's worker processes: a fix for its tower/connector
-LoRA, a compiled vision tower, and images handed to the tower without a CPU copy.
+LoRA, a compiled vision tower, and (a setting) images handed to the tower without a CPU copy.
 
 vLLM sizes the LoRA index buffers of the vision tower from
 `Gemma4ForConditionalGeneration.get_mm_lora_token_counts(mm_kwargs=None, num_mm_embeds=budget)`,
@@ -15,8 +15,9 @@ processor took 3 ms and the tower's arithmetic is about 1 ms. Eagerly, the tower
 hundreds of small kernels (norms, clipping, rotary embeddings) from Python. With
 COMPILE_VISION_ENV set to 1 the tower's patch embedder, encoder and pooler are torch.compiled
 (dynamic shapes: one graph for every batch of images); vLLM's start-up profiling run triggers
-the compilation. Measured: 58 ms for a new image at concurrency 1 (the remaining 41 ms over a
-cached image are not yet accounted for), 1.6x the saturated throughput (docs/performance.md).
+the compilation. Measured: 58 ms for a new image at concurrency 1 (a torch profile puts most of
+the rest in the CPU time of launching the compiled tower, and in the front-end), 1.6x the
+saturated throughput (docs/performance.md).
 
 Before the tower runs, vLLM stacks the step's images into one pinned CPU tensor: with 280 soft
 tokens an image is 2,520 patches of 768 bf16 values (3.9 MB), and on an H200 that copy was the
@@ -26,9 +27,10 @@ per-image tensors as well (its path for images of different sizes), which vLLM t
 GPU one by one straight from the receive buffers. With IMAGES_APART_ENV set to 1, multi-dimensional
 per-item tensors are left as that list. Measured on one engine (docs/performance.md): better at low
 concurrency (8 at once: 23.1 against 14.0 images/s), worse saturated (256 at once: 36.4 against
-45.0), where the copies from pageable memory wait for the GPU instead of overlapping it. So it is
-a setting, off by default; `PetbreedWorkerExtension.petbreed_batch_images_on_cpu` switches it
-on a running engine, for benchmarks that compare both ways on one engine.
+45.0), likely because copies from pageable memory wait for the GPU instead of overlapping it
+(not measured). So it is a setting, off by default; `PetbreedWorkerExtension
+.petbreed_batch_images_on_cpu` switches it on a running engine, for benchmarks that compare both
+ways on one engine.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.

@@ -111,16 +111,28 @@ def requests_for(concurrency: int, scale: float) -> int:
     return max(8, int(concurrency * 3 * scale))
 
 
+Variants = dict[str, Callable[[], Awaitable[Any]]]  # way-name suffix -> what switches the engine to it
+
+
 async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], levels: list[int],
-                scale: float, seed0: int) -> list[dict[str, Any]]:
+                scale: float, seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
+    """Every level in turn. With variants, each level runs once per variant, one after the other
+    after switching to it, so that drift during a run favours none of them."""
+    variants = variants or {"": _nothing}
     await measure(call, make, min(8, max(levels)), 8, seed0)  # warm-up
     rows, seed = [], seed0 + 8
     for level in levels:
         n = requests_for(level, scale)
-        rows.append({"way": name, **await measure(call, make, level, n, seed)})
-        seed += n
-        print(json.dumps(rows[-1]), flush=True)
+        for suffix, switch in variants.items():
+            await switch()
+            rows.append({"way": name + suffix, **await measure(call, make, level, n, seed)})
+            seed += n
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+async def _nothing() -> None:
+    pass
 
 
 def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
@@ -253,15 +265,11 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
             async def petbreed(image: Image.Image, classifier: Any = classifier, top_k: int | None = top_k) -> None:
                 await classifier.classify([image], entry, top_k)
 
-            # The default (vLLM stacks a step's images on the CPU), then the images kept apart;
-            # the default again for what follows.
-            for stacked in [True, False] if args.ab_image_batching else [True]:
-                await engine.engine.collective_rpc("petbreed_batch_images_on_cpu", args=(stacked,))
-                name = (f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-                        + ("" if stacked else APART))
-                rows += await sweep(name, petbreed, images, levels, args.scale, seed0)
-                seed0 += 1_000_000
-            await engine.engine.collective_rpc("petbreed_batch_images_on_cpu", args=(True,))
+            name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
+            rows += await sweep(name, petbreed, images, levels, args.scale, seed0,
+                                image_batchings(engine.engine) if args.ab_image_batching else None)
+            await image_batchings(engine.engine)[""]()
+            seed0 += 1_000_000
 
     if args.no_reference:
         return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
@@ -290,6 +298,14 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         print(json.dumps(rows[-1]), flush=True)
     ours = next(r["way"] for r in rows if not r["way"].endswith(APART))
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
+
+
+def image_batchings(engine: Any) -> Variants:
+    """The default (vLLM stacks a step's images on the CPU) and the images kept apart."""
+    def switch(stacked: bool) -> Callable[[], Awaitable[Any]]:
+        return lambda: engine.collective_rpc("petbreed_batch_images_on_cpu", args=(stacked,))
+
+    return {"": switch(True), APART: switch(False)}
 
 
 async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
@@ -489,7 +505,8 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab-image-batching", action="store_true",
-                    help="engine: each petbreed sweep again with a step's images kept apart (stack_images_on_cpu off)")
+                    help="engine: every petbreed level twice, the default then the images kept apart "
+                    "(stack_images_on_cpu off)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

@@ -7,6 +7,7 @@ be under an `if __name__ == "__main__":` guard (this module's is, and the consol
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated, Any
 
@@ -24,11 +25,6 @@ def serve(
     port: Annotated[int | None, typer.Option(help="[PETBREED_PORT, AIP_HTTP_PORT, PORT]")] = None,
 ) -> None:
     """Start the prediction API (vLLM engine + FastAPI). Other settings: PETBREED_* variables."""
-    # Before vLLM is imported: let its loggers propagate to our JSON handler.
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    import uvicorn
-
-    from serve.app import create_app
     from serve.jsonlog import configure_logging
     from serve.settings import ServeSettings
 
@@ -36,11 +32,31 @@ def serve(
              "port": port}
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     settings = ServeSettings(**overrides)
+    use_json_logs_in_vllm(settings)
+    import uvicorn
+
+    from serve.app import create_app
+
     configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=10,
     )
+
+
+
+def use_json_logs_in_vllm(settings: Any) -> None:
+    """Before vLLM is imported: its engine core and workers, where `configure_logging` never runs,
+    log the same JSON lines at the same level. Left alone if the operator configured vLLM's logging."""
+    if "VLLM_CONFIGURE_LOGGING" in os.environ or "VLLM_LOGGING_CONFIG_PATH" in os.environ:
+        return
+    from serve.jsonlog import vllm_logging_config
+
+    path = settings.cache_dir / "vllm-logging.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(vllm_logging_config(settings.log_level)))
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path.resolve())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "severity": record.levelname,  # Cloud Logging's key for the level
             "logger": record.name,
+            "process": record.processName,  # vLLM's engine core and workers are processes of their own
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
@@ -37,3 +38,15 @@ def configure_logging(level: str = "INFO") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+
+
+def vllm_logging_config(level: str = "INFO") -> dict[str, object]:
+    """The same JSON lines for vLLM's own processes. vLLM applies this `dictConfig` (through
+    VLLM_LOGGING_CONFIG_PATH) in every process it starts, where `configure_logging` never runs."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "loggers": {"vllm": {"handlers": ["json"], "level": level.upper(), "propagate": False}},
+    }

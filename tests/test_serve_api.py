@@ -474,6 +474,13 @@ def test_logs_are_json_lines(server: dict) -> None:
     assert any(r.get("adapter") == "pets@1" and r.get("images") for r in access)
 
 
+def test_vllms_own_processes_log_json_lines_too(server: dict) -> None:
+    """The engine core is a process of its own, where the server's logging set-up never runs."""
+    records = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith('{"time"')]
+    engine = [r for r in records if r["logger"].startswith("vllm") and r["process"] != "MainProcess"]
+    assert any(r["severity"] == "INFO" and "init engine" in r["message"] for r in engine)
+
+
 def test_evaluation_report_and_confusion_matrix_of_a_version(client: httpx.Client) -> None:
     report = client.get("/v1/models/pets/1/report")
     assert report.status_code == 200

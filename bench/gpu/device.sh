@@ -7,10 +7,14 @@
 # ../shared/gpu/build_pack.sh) and .carry/wheels/*.whl (pure-Python deps the device lacks, and
 # py-spy's manylinux wheel for serve-spy).
 # Results and logs go to $OUT; each step is skipped when fewer seconds are left than it needs.
+# Inductor's cache (the compiled vision tower: minutes of every engine start) can travel between
+# calls: the `cache-out` step packs it into $OUT/inductor.tar.xz; copy that to .carry/ and the
+# next call's `setup` unpacks it.
 set -uo pipefail
 T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
 export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=/root/inductor
 MODEL=/root/models/e4b DATA=/root/data/pets448
 # e.g. SERVE_FLAGS="--graphs --scale 0.5 --top-k all,5", ANATOMY=20 (serve-engine: one classification's parts)
 SERVE_FLAGS=${SERVE_FLAGS:-}
@@ -33,6 +37,7 @@ for s in "$@"; do
              [ -f /root/\${f#*:}/.done ] || { tar -C /root/\${f#*:} -xJf .carry/pkg/\${f%%:*}.tar.xz && touch /root/\${f#*:}/.done; }; done; \
              for w in .carry/wheels/*.whl; do python3 -m zipfile -e \$w /root/extra; done; \
              chmod +x /root/extra/*.data/scripts/* 2>/dev/null; \
+             mkdir -p /root/inductor; [ -f .carry/inductor.tar.xz ] && tar -C /root/inductor -xJf .carry/inductor.tar.xz; \
              nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
              python3 -c 'import torch, transformers, peft, accelerate, vllm; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, vllm.__version__)'" || exit 1 ;;
     model) [ -f $MODEL/config.json ] || step model 120 "python3 -c 'from pathlib import Path; \
@@ -54,6 +59,7 @@ for s in "$@"; do
              --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
              --steps ${STEPS:-6} --warmup ${WARMUP:-2} --workers 8 --extra-batches=${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
+    cache-out) step cache-out 20 "tar -C /root/inductor -cf - . | xz -T0 -6 > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -117,7 +117,8 @@ Variants = dict[str, Callable[[], Awaitable[Any]]]  # way-name suffix -> what sw
 async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], levels: list[int],
                 scale: float, seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
     """Every level in turn. With variants, each level runs once per variant, one after the other
-    after switching to it, so that drift during a run favours none of them."""
+    after switching to it, so that drift during a run favours none of them; the first variant (the
+    default) is switched on again at the end."""
     variants = variants or {"": _nothing}
     await measure(call, make, min(8, max(levels)), 8, seed0)  # warm-up
     rows, seed = [], seed0 + 8
@@ -128,6 +129,7 @@ async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable
             rows.append({"way": name + suffix, **await measure(call, make, level, n, seed)})
             seed += n
             print(json.dumps(rows[-1]), flush=True)
+    await next(iter(variants.values()))()
     return rows
 
 
@@ -268,7 +270,6 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
             rows += await sweep(name, petbreed, images, levels, args.scale, seed0,
                                 image_batchings(engine.engine) if args.ab_image_batching else None)
-            await image_batchings(engine.engine)[""]()
             seed0 += 1_000_000
 
     if args.no_reference:

@@ -44,7 +44,6 @@ def serve(
     )
 
 
-
 def use_json_logs_in_vllm(settings: Any) -> None:
     """Before vLLM is imported: its engine core and workers, where `configure_logging` never runs,
     log the same JSON lines at the same level. Left alone if the operator configured vLLM's logging."""

@@ -28,9 +28,9 @@ GPU one by one straight from the receive buffers. With IMAGES_APART_ENV set to 1
 per-item tensors are left as that list. Measured on one engine (docs/performance.md): better at low
 concurrency (8 at once: 23.1 against 14.0 images/s), worse saturated (256 at once: 36.4 against
 45.0), likely because copies from pageable memory wait for the GPU instead of overlapping it
-(not measured). So it is a setting, off by default; `PetbreedWorkerExtension
-.petbreed_batch_images_on_cpu` switches it on a running engine, for benchmarks that compare both
-ways on one engine.
+(not measured). So it is a setting, off by default;
+`PetbreedWorkerExtension.petbreed_batch_images_on_cpu` switches it on a running engine, for
+benchmarks that compare both ways on one engine.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -42,6 +42,8 @@ import functools
 import math
 import os
 from typing import Any
+
+import torch
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
@@ -136,8 +138,6 @@ def _patch_images_apart() -> None:
 
 
 def _is_cpu_array(item: Any) -> bool:
-    import torch
-
     return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
 
 

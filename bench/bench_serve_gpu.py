@@ -45,7 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-APART = "_images_apart"  # a sweep with `stack_images_on_cpu` off
+# --ab: another way of the engine, switched on the running engine (worker method, its value);
+# the default is the method with the other value. The other way's rows carry the name as a suffix.
+AB = {"images_apart": ("petbreed_batch_images_on_cpu", False),  # `stack_images_on_cpu` off
+      "vllm_image_path": ("petbreed_use_vllm_image_path", True)}  # vLLM's tower chunks, pooling, stacking
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -268,8 +271,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
                 await classifier.classify([image], entry, top_k)
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-            rows += await sweep(name, petbreed, images, levels, args.scale, seed0,
-                                image_batchings(engine.engine) if args.ab_image_batching else None)
+            rows += await sweep(name, petbreed, images, levels, args.scale, seed0, ab_variants(engine.engine, args.ab))
             seed0 += 1_000_000
 
     if args.no_reference:
@@ -297,16 +299,20 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         row = await measure(reference(128), images, level, max(4, level), 200_000)
         rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
-    ours = next(r["way"] for r in rows if not r["way"].endswith(APART))
+    ours = next(r["way"] for r in rows if not r["way"].endswith(tuple(AB)))
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
 
 
-def image_batchings(engine: Any) -> Variants:
-    """The default (vLLM stacks a step's images on the CPU) and the images kept apart."""
-    def switch(stacked: bool) -> Callable[[], Awaitable[Any]]:
-        return lambda: engine.collective_rpc("petbreed_batch_images_on_cpu", args=(stacked,))
+def ab_variants(engine: Any, other: str | None) -> Variants | None:
+    """The default way and the `other` one (a key of AB), each switched on in the engine's workers."""
+    if other is None:
+        return None
+    method, value = AB[other]
 
-    return {"": switch(True), APART: switch(False)}
+    def switch(on: bool) -> Callable[[], Awaitable[Any]]:
+        return lambda: engine.collective_rpc(method, args=(on,))
+
+    return {"": switch(not value), f"_{other}": switch(value)}
 
 
 async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
@@ -505,9 +511,9 @@ def main() -> None:
                     help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
-    ap.add_argument("--ab-image-batching", action="store_true",
-                    help="engine: every petbreed level twice, the default then the images kept apart "
-                    "(stack_images_on_cpu off)")
+    ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level twice, the default way then "
+                    "this one: images_apart (stack_images_on_cpu off) or vllm_image_path (vLLM's own tower chunks, "
+                    "per-image pooling and one-thread stacking)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

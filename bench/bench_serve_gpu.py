@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -419,26 +420,20 @@ def gpu_memory_gib() -> float | None:
 
 
 async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:
+    """`petbreed serve` as subprocesses, JPEG uploads over loopback. With --servers N, N of them
+    share the GPU (each 1/N of the memory) and every level runs twice: all requests to the first
+    server, then round-robin over all N (more front-end processes, one GPU)."""
     import httpx
 
-    from bench.bench_serve import free_port
-
-    port = free_port()
-    env = {**os.environ, "PETBREED_BASE_MODEL": str(args.model), "PETBREED_REGISTRY": registry,
-           "PETBREED_CACHE_DIR": str(cache), "PETBREED_HOST": "127.0.0.1", "PETBREED_PORT": str(port),
-           "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
-           "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
-           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": "0.85",
-           "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens)}
-    if budgets(args)[0]:
-        env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
-    url = f"http://127.0.0.1:{port}"
+    servers = [start_server(args, registry, cache / f"server{i}", args.servers) for i in range(args.servers)]
     try:
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
-            await wait_ready(client, url, proc)
+            for proc, url in servers:
+                await wait_ready(client, url, proc)
             start_s = time.perf_counter() - t0
+            targets = [servers[0][1]]
+            turn = itertools.count()
 
             def upload(seed: int) -> bytes:
                 buf = io.BytesIO()
@@ -446,15 +441,44 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
                 return buf.getvalue()
 
             async def post(body: bytes) -> None:
+                url = targets[next(turn) % len(targets)]
                 response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", body)})
                 response.raise_for_status()
 
+            def use(count: int) -> Callable[[], Awaitable[None]]:
+                async def switch() -> None:
+                    targets[:] = [url for _, url in servers[:count]]
+                return switch
+
+            variants = {"": use(1), f"_{len(servers)}_servers": use(len(servers))} if len(servers) > 1 else None
             levels = [int(x) for x in args.levels.split(",")]
-            rows = await sweep("petbreed_http", post, upload, levels, args.scale, 300_000)
+            rows = await sweep("petbreed_http", post, upload, levels, args.scale, 300_000, variants)
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc, _ in servers:
+            proc.terminate()
+        for proc, _ in servers:
+            proc.wait(60)
+
+
+Server = tuple[subprocess.Popen[bytes], str]  # the process and its URL
+
+
+def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: int) -> Server:
+    """One `petbreed serve` (its module) with the benchmark's engine settings and 1/sharing of the GPU."""
+    from bench.bench_serve import free_port
+
+    port = free_port()
+    env = {**os.environ, "PETBREED_BASE_MODEL": str(args.model), "PETBREED_REGISTRY": registry,
+           "PETBREED_CACHE_DIR": str(cache), "PETBREED_HOST": "127.0.0.1", "PETBREED_PORT": str(port),
+           "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
+           "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
+           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
+           "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens)}
+    if budgets(args)[0]:
+        env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 async def wait_ready(client: Any, url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -514,6 +538,7 @@ def main() -> None:
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level twice, the default way then "
                     "this one: images_apart (stack_images_on_cpu off) or vllm_image_path (vLLM's own tower chunks, "
                     "per-image pooling and one-thread stacking)")
+    ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

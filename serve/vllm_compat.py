@@ -38,12 +38,10 @@ patches, which transformers' patch embedder no longer builds (it looks the posit
 against the device's free memory, which leaves out what PyTorch keeps cached. Each call costs the
 compiled tower's launch work (~20 ms of CPU at concurrency 1). Then every image is pooled on its
 own, with a device-to-host sync each. petbreed runs a step's images through the tower in one call
-and pools them in one call. (And it copies a step's images into vLLM's pinned tensor with several
-threads: that copy, ~4 MB per image, was the engine core's largest CPU cost.) Memory stays
-accounted for: vLLM's start-up profiling runs the largest step (the encoder budget's worth of
-maximum-size images) through this same path and sizes the KV cache to leave that peak free.
-`PetbreedWorkerExtension.petbreed_use_vllm_image_path` switches back to vLLM's own way on a
-running engine, for benchmarks that compare both.
+and pools them in one call. Memory stays accounted for: vLLM's start-up profiling runs the largest
+step (the encoder budget's worth of maximum-size images) through this same path and sizes the KV
+cache to leave that peak free. `PetbreedWorkerExtension.petbreed_use_vllm_image_path` switches
+back to vLLM's own way on a running engine, for benchmarks that compare both.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -55,7 +53,6 @@ import functools
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -78,7 +75,7 @@ class PetbreedWorkerExtension:
         _images_apart = not on
 
     def petbreed_use_vllm_image_path(self, on: bool) -> None:
-        """vLLM's own way (True): its tower chunks, per-image pooling and one-thread image stacking."""
+        """vLLM's own tower chunks and per-image pooling (True), or a step's images in one call each."""
         global _vllm_image_path
         _vllm_image_path = on
 
@@ -203,11 +200,8 @@ def _patch_images_apart() -> None:
     def _reduce_data(self: Any, batch: list[Any], *, pin_memory: bool) -> Any:
         # Only per-item arrays (pixel values, patch positions): scalar fields such as frame counts
         # are read as one tensor.
-        if batch and all(_is_cpu_array(item) for item in batch):
-            if _images_apart:
-                return list(batch)
-            if not _vllm_image_path and len(batch) > 1 and len({(t.shape, t.dtype) for t in batch}) == 1:
-                return _stack_in_threads(batch, pin_memory)
+        if _images_apart and batch and all(_is_cpu_array(item) for item in batch):
+            return list(batch)
         return original(self, batch, pin_memory=pin_memory)
 
     _reduce_data._petbreed_patched = True  # type: ignore[attr-defined]
@@ -217,23 +211,6 @@ def _patch_images_apart() -> None:
 def _is_cpu_array(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
 
-
-def _stack_in_threads(batch: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
-    """`torch.stack(batch)` copied by several threads (a tensor copy releases the GIL)."""
-    out = torch.empty((len(batch), *batch[0].shape), dtype=batch[0].dtype, pin_memory=pin_memory)
-    inference = torch.is_inference_mode_enabled()  # thread-local: vLLM's workers run in it
-
-    def copy(i: int) -> None:
-        with torch.inference_mode(inference):
-            out[i].copy_(batch[i])
-
-    list(_copy_threads().map(copy, range(len(batch))))
-    return out
-
-
-@functools.cache
-def _copy_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="petbreed-stack")
 
 
 _patch_gemma4_tower_lora_budget()

@@ -25,16 +25,9 @@ def batched_field() -> Iterator[object]:
     PetbreedWorkerExtension().petbreed_batch_images_on_cpu(True)  # the default
 
 
-@pytest.mark.parametrize("vllms_way", [False, True])
-def test_by_default_a_steps_images_are_stacked(batched_field: object, vllms_way: bool) -> None:
-    PetbreedWorkerExtension().petbreed_use_vllm_image_path(vllms_way)
-    pixels = [torch.rand(6, 4) for _ in range(5)]
-    try:
-        with torch.inference_mode():  # as in vLLM's workers
-            stacked = batched_field._reduce_data(pixels, pin_memory=False)  # type: ignore[attr-defined]
-        assert torch.equal(stacked, torch.stack(pixels))
-    finally:
-        PetbreedWorkerExtension().petbreed_use_vllm_image_path(False)
+def test_by_default_vllm_stacks_a_steps_images(batched_field: object) -> None:
+    pixels = [torch.rand(6, 4), torch.rand(6, 4)]
+    assert torch.equal(batched_field._reduce_data(pixels, pin_memory=False), torch.stack(pixels))  # type: ignore[attr-defined]
 
 
 def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacked(batched_field: object) -> None:

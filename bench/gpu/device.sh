@@ -55,7 +55,6 @@ for s in "$@"; do
              --soft-tokens ${SOFT:-280,140,70} --anatomy ${ANATOMY:-0} --json $OUT/serve_engine.json" ;;
     serve-http) step serve-http 180 "python3 bench/bench_serve_gpu.py http --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280} --json $OUT/serve_http.json" ;;
-    stack) step stack 30 "python3 bench/bench_image_stacking.py > $OUT/stack.json; cat $OUT/stack.json" ;;
     serve-spy) step serve-spy 240 "bash bench/gpu/profile_serve.sh $MODEL $OUT --graphs --levels 8,256 --scale 1 \
              --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \

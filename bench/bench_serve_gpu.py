@@ -428,7 +428,10 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
     t0 = time.perf_counter()
     servers = [start_server(args, registry, cache / f"server{i}", args.servers) for i in range(args.servers)]
     try:
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=512)) as client:
+        # Idle connections are dropped before uvicorn's 5 s keep-alive ends: reusing one the server is
+        # closing fails the request (a server idle during the previous sweep did that to run 7).
+        limits = httpx.Limits(max_connections=512, keepalive_expiry=1)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             for proc, url in servers:
                 await wait_ready(client, url, proc)
             start_s = time.perf_counter() - t0

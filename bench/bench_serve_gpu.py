@@ -48,8 +48,7 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # --ab: another way of the engine, switched on the running engine (worker method, its value);
 # the default is the method with the other value. The other way's rows carry the name as a suffix.
-AB = {"images_apart": ("petbreed_batch_images_on_cpu", False),  # `stack_images_on_cpu` off
-      "vllm_image_path": ("petbreed_use_vllm_image_path", True)}  # vLLM's tower chunks, pooling, stacking
+AB = {"images_apart": ("petbreed_batch_images_on_cpu", False)}  # `stack_images_on_cpu` off
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -539,8 +538,7 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level twice, the default way then "
-                    "this one: images_apart (stack_images_on_cpu off) or vllm_image_path (vLLM's own tower chunks, "
-                    "per-image pooling and one-thread stacking)")
+                    "this one: images_apart (stack_images_on_cpu off)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)

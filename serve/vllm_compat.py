@@ -32,17 +32,6 @@ concurrency (8 at once: 23.1 against 14.0 images/s), worse saturated (256 at onc
 `PetbreedWorkerExtension.petbreed_batch_images_on_cpu` switches it on a running engine, for
 benchmarks that compare both ways on one engine.
 
-At 256 requests at once a torch profile showed the tower running about 2 images per call: vLLM
-sizes a step's tower chunks for a `one_hot` position transient of ~825 MB per image at 2,520
-patches, which transformers' patch embedder no longer builds (it looks the positions up), and
-against the device's free memory, which leaves out what PyTorch keeps cached. Each call costs the
-compiled tower's launch work (~20 ms of CPU at concurrency 1). Then every image is pooled on its
-own, with a device-to-host sync each. petbreed runs a step's images through the tower in one call
-and pools them in one call. Memory stays accounted for: vLLM's start-up profiling runs the largest
-step (the encoder budget's worth of maximum-size images) through this same path and sizes the KV
-cache to leave that peak free. `PetbreedWorkerExtension.petbreed_use_vllm_image_path` switches
-back to vLLM's own way on a running engine, for benchmarks that compare both.
-
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """
@@ -52,7 +41,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from typing import Any
 
 import torch
@@ -62,7 +50,6 @@ IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
 
 
 _images_apart = os.environ.get(IMAGES_APART_ENV) == "1"  # read in the worker process
-_vllm_image_path = False  # vLLM's own tower chunking and pooling (benchmarks switch it)
 
 
 class PetbreedWorkerExtension:
@@ -73,11 +60,6 @@ class PetbreedWorkerExtension:
         """vLLM's own stacking of a step's images on the CPU (True) or petbreed's per-image list."""
         global _images_apart
         _images_apart = not on
-
-    def petbreed_use_vllm_image_path(self, on: bool) -> None:
-        """vLLM's own tower chunks and per-image pooling (True), or a step's images in one call each."""
-        global _vllm_image_path
-        _vllm_image_path = on
 
 
 def _gemma4_class() -> Any:
@@ -135,59 +117,6 @@ def _patch_gemma4_vision_compile() -> None:
     model_cls.__init__ = __init__
 
 
-def _patch_gemma4_encoder_chunk() -> None:
-    model_cls = _gemma4_class()
-    original = _unpatched(model_cls, "_encoder_chunk")
-    if original is None:
-        return
-
-    def _encoder_chunk(patches_per_item: int, free_bytes: int, total_bytes: int, position_embedding_size: int) -> int:
-        if _vllm_image_path:
-            return int(original(patches_per_item, free_bytes, total_bytes, position_embedding_size))
-        return sys.maxsize  # the caller takes min(images, this): all of a step's images
-
-    _encoder_chunk._petbreed_patched = True  # type: ignore[attr-defined]
-    model_cls._encoder_chunk = staticmethod(_encoder_chunk)
-
-
-def _patch_gemma4_batched_pooling() -> None:
-    model_cls = _gemma4_class()
-    original = _unpatched(model_cls, "_process_image_input")
-    if original is None:
-        return
-
-    def _process_image_input(self: Any, image_input: Any) -> list[torch.Tensor]:
-        pixels = image_input["pixel_values"]
-        # A stacked tensor means one patch count for all; with tower LoRA (vLLM 0.32+) vLLM pads
-        # images into the batch its LoRA mapping expects, so that path stays vLLM's.
-        if _vllm_image_path or not isinstance(pixels, torch.Tensor) or getattr(self, "_enable_mm_lora", False):
-            return list(original(self, image_input))
-        return encode_stacked_images(self, pixels, image_input["pixel_position_ids"])
-
-    _process_image_input._petbreed_patched = True  # type: ignore[attr-defined]
-    model_cls._process_image_input = _process_image_input
-
-
-def encode_stacked_images(model: Any, pixels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
-    """Gemma 4's image embeddings for images of one patch count: tower, pooling and projection each
-    in one call, as vLLM does per bucket and then per image. `model` is vLLM's Gemma 4 (its tower,
-    projector, config and dtype)."""
-    tower = model.vision_tower
-    padding = (positions == -1).all(dim=-1)
-    embeds = tower.patch_embedder(pixels, positions, padding).to(model.model_dtype)
-    encoded = tower.encoder(inputs_embeds=embeds, attention_mask=~padding, pixel_position_ids=positions)
-    hidden = encoded.last_hidden_state
-    pooled, valid = tower.pooler(
-        hidden_states=hidden, pixel_position_ids=positions, padding_positions=padding,
-        output_length=hidden.shape[1] // model.config.vision_config.pooling_kernel_size**2,
-    )
-    states = pooled[valid]  # the images' valid soft tokens, one image after the other
-    if getattr(tower.config, "standardize", False):
-        states = (states - tower.std_bias) * tower.std_scale
-    projected = model.embed_vision(inputs_embeds=states.to(model.model_dtype).unsqueeze(0)).squeeze(0)
-    return list(projected.split(valid.sum(dim=-1).tolist()))
-
-
 def _patch_images_apart() -> None:
     try:
         from vllm.multimodal.inputs import MultiModalBatchedField
@@ -212,11 +141,8 @@ def _is_cpu_array(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
 
 
-
 _patch_gemma4_tower_lora_budget()
 _patch_gemma4_vision_compile()
-_patch_gemma4_encoder_chunk()
-_patch_gemma4_batched_pooling()
 _patch_images_apart()
 
 

@@ -222,19 +222,21 @@ def test_parity_with_transformers_peft(
 
 
 def test_parity_with_a_compiled_vision_tower(
-    trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+    trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The GPU default (`compile_vision_tower`, on with CUDA) forced on here, and a step's images
-    handed to the tower one by one (`stack_images_on_cpu` off): same answers."""
+    handed to the tower one by one (`stack_images_on_cpu` off): same answers. The compiled code is
+    kept in the cache folder, for the next start."""
     port = free_port()
-    inductor = tmp_path / "inductor"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # petbreed's default, not this process's
     env = {"PETBREED_REGISTRY": trained_registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "PETBREED_VLLM__STACK_IMAGES_ON_CPU": "false",
-           "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+           "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "PETBREED_VLLM__STACK_IMAGES_ON_CPU": "false"}
     with running_server(tiny_model, env, port, tmp_path) as server, \
             httpx.Client(base_url=str(server["url"]), timeout=120) as client:
         assert_parity(client, trained_registry, tiny_model, test_images, tmp_path)
-    assert any(inductor.rglob("*.py")), "the engine compiled nothing"  # inductor's generated kernels
+    inductor = tmp_path / "cache" / "inductor"  # running_server's PETBREED_CACHE_DIR
+    assert any(inductor.rglob("*.py")), "the engine compiled nothing there"  # inductor's generated kernels
 
 
 def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,24 @@ def test_the_setting_reaches_the_engine_process_environment(
         monkeypatch.setenv(name, "unset")
     set_vllm_environment(ServeSettings(vllm=VllmSettings(stack_images_on_cpu=stack)))
     assert os.environ[IMAGES_APART_ENV] == apart
+
+
+def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV):  # restored after the test
+        monkeypatch.setenv(name, "unset")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = str(tmp_path / "cache" / "inductor")
+    # Unset, or torch's own /tmp default (which importing its compiler writes into the environment).
+    for unchosen in (None, default_cache_dir()):
+        if unchosen is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", unchosen)
+        set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
+    set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"

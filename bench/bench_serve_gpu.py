@@ -428,7 +428,7 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
     servers = [start_server(args, registry, cache / f"server{i}", args.servers) for i in range(args.servers)]
     try:
         # Idle connections are dropped before uvicorn's 5 s keep-alive ends: reusing one the server is
-        # closing fails the request (a server idle during the previous sweep did that to run 7).
+        # closing fails the request (a server idle during the previous sweep did that to run 8).
         limits = httpx.Limits(max_connections=512, keepalive_expiry=1)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             for proc, url in servers:

@@ -61,7 +61,7 @@ for s in "$@"; do
              --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
              --steps ${STEPS:-6} --warmup ${WARMUP:-2} --workers 8 --extra-batches=${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
-    cache-out) step cache-out 30 "tar -C /root/inductor -cf - . | xz -T0 -9e > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
+    cache-out) step cache-out 60 "tar -C /root/inductor -cf - . | xz -T0 -9e > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -37,32 +37,34 @@ def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacke
     assert torch.equal(counts, torch.tensor([1, 2]))
 
 
+@pytest.fixture
+def engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables `set_vllm_environment` writes, unset here and restored after the test."""
+    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, "TORCHINDUCTOR_CACHE_DIR", "VLLM_NO_USAGE_STATS",
+                 "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("engine_environment")
 @pytest.mark.parametrize(("stack", "apart"), [(True, "0"), (False, "1")])
-def test_the_setting_reaches_the_engine_process_environment(
-    monkeypatch: pytest.MonkeyPatch, stack: bool, apart: str
-) -> None:
-    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV):  # restored after the test
-        monkeypatch.setenv(name, "unset")
+def test_the_setting_reaches_the_engine_process_environment(stack: bool, apart: str) -> None:
     set_vllm_environment(ServeSettings(vllm=VllmSettings(stack_images_on_cpu=stack)))
     assert os.environ[IMAGES_APART_ENV] == apart
 
 
+@pytest.mark.usefixtures("engine_environment")
 def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV):  # restored after the test
-        monkeypatch.setenv(name, "unset")
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    settings = ServeSettings(cache_dir=tmp_path / "cache")
     ours = str(tmp_path / "cache" / "inductor")
-    # Unset, or torch's own /tmp default (which importing its compiler writes into the environment).
-    for unchosen in (None, default_cache_dir()):
-        if unchosen is None:
-            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-        else:
-            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", unchosen)
-        set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+    set_vllm_environment(settings)  # unset
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch's compiler writes
+    set_vllm_environment(settings)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
-    set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
+    set_vllm_environment(settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"

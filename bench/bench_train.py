@@ -4,7 +4,9 @@ images, same LoRA, in one run.
   python bench/bench_train.py --model DIR --data DIR [--steps 8] [--batch 16] [--json OUT]
 
 - petbreed: `finetune.train.prepare` + `fit` (the code `petbreed train` runs): batch B, answer-only
-  logits, DataLoader workers doing the image preprocessing.
+  logits, DataLoader workers doing the image preprocessing. Steps past the first epoch are timed
+  apart (`later_epochs`): there the frozen vision tower's soft tokens come from the cache
+  (`finetune.image_features`), so the first epoch and the later ones are an A/B on one model.
 - reference: the public recipe's shape: per-device batch 1 x gradient accumulation B (so the same
   effective batch), padding per sample, full-sequence logits, through Hugging Face's Trainer
   (TRL's SFTTrainer is a subclass of it and is not installed on the GPU machine).
@@ -60,7 +62,7 @@ def model_flops_per_sample(model: Any, tokens_per_sample: float) -> float:
 
 
 def summarise(name: str, step_seconds: list[float], samples_per_step: int, tokens_per_sample: float,
-              model: Any) -> dict[str, Any]:
+              model: Any, tower_runs: bool = True) -> dict[str, Any]:
     seconds = statistics.median(step_seconds)
     samples_per_s = samples_per_step / seconds
     cuda = torch.cuda.is_available()
@@ -72,7 +74,8 @@ def summarise(name: str, step_seconds: list[float], samples_per_step: int, token
     return {"way": name, "samples_per_s": round(samples_per_s, 2),
             "tokens_per_s": round(samples_per_s * tokens_per_sample), "step_s_median": round(seconds, 3),
             "mfu": mfu(4 * sum(matmul_param_counts(model).values()) * tokens_per_sample),
-            "mfu_model_flops": mfu(model_flops_per_sample(model, tokens_per_sample)),
+            "mfu_model_flops": mfu(model_flops_per_sample(model, tokens_per_sample) if tower_runs
+                                   else 4 * matmul_param_counts(model)["text"] * tokens_per_sample),
             "peak_memory_gib": peak and round(peak, 1), "steps_timed": len(step_seconds)}
 
 
@@ -87,13 +90,16 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
     run = prepare(settings, dataset)
     reset_peak()
     fit(run)
-    steady = run.records[args.warmup :]
-    step_seconds = [args.batch / r["samples_per_s"] for r in steady]
-    tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in steady)
-    result = summarise("petbreed", step_seconds, args.batch, tokens, run.model)
-    wait = statistics.median(r["data_wait_s"] for r in steady)
-    result.update(batch=args.batch, compile=args.compile, data_wait_s_median=round(wait, 3))
+    per_epoch = len(dataset.train) // args.batch
+    first, later = run.records[args.warmup : per_epoch], run.records[max(per_epoch, args.warmup) :]
+    result = summarise_records("petbreed", first or later, args.batch, run.model)
+    result.update(batch=args.batch, compile=args.compile, steps_per_epoch=per_epoch,
+                  vision_cache=run.features is not None)
+    if first and later:
+        result["later_epochs"] = summarise_records("petbreed, later epochs", later, args.batch, run.model,
+                                                   tower_runs=run.features is None)
     if args.profile:
+        result["vision_tower_ms_per_batch"] = tower_ms(run, args.batch)
         print(profile_table(run, args.batch), file=sys.stderr, flush=True)
     run.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer
     del run
@@ -101,17 +107,48 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
     return result
 
 
+def summarise_records(name: str, records: list[dict[str, float]], batch: int, model: Any,
+                      tower_runs: bool = True) -> dict[str, Any]:
+    step_seconds = [batch / r["samples_per_s"] for r in records]
+    tokens = statistics.mean(r["tokens_per_s"] / r["samples_per_s"] for r in records)
+    result = summarise(name, step_seconds, batch, tokens, model, tower_runs)
+    result["data_wait_s_median"] = round(statistics.median(r["data_wait_s"] for r in records), 3)
+    return result
+
+
+def first_batch(run: Any, batch_size: int) -> tuple[dict[str, Any], list[int]]:
+    batch = Collator(run.dataset.train, run.processor, run.prompt, run.dataset.labels)([list(range(batch_size))])
+    image_ids = batch.pop("image_ids").tolist()
+    return {k: v.to(run.device) for k, v in batch.items()}, image_ids
+
+
+def tower_ms(run: Any, batch_size: int) -> float:
+    """The vision tower's forward alone on one batch (median of 5, after 2), as a step runs it."""
+    from finetune.image_features import vision_tower
+
+    batch, _ = first_batch(run, batch_size)
+    tower = vision_tower(run.model)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        with torch.no_grad(), run.accelerator.autocast():
+            tower(pixel_values=batch["pixel_values"], pixel_position_ids=batch["image_position_ids"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times[2:]), 2)
+
+
 def profile_table(run: Any, batch_size: int) -> str:
     """Where a training step's GPU time goes: two forward+backward passes on one batch under
-    torch.profiler, after two unprofiled ones (kernel selection, allocator warm-up)."""
+    torch.profiler, after two unprofiled ones (kernel selection, allocator warm-up, and with the
+    vision cache on, its soft tokens cached: the later epochs' steady state)."""
     from torch.profiler import ProfilerActivity, profile
 
-    rows = [list(range(batch_size))]
-    batch = {k: v.to(run.device) for k, v in Collator(run.dataset.train, run.processor, run.prompt,
-                                                      run.dataset.labels)(rows).items()}
+    batch, image_ids = first_batch(run, batch_size)
 
     def step() -> None:
-        batch_loss(run, batch).backward()
+        batch_loss(run, batch, image_ids).backward()
 
     for _ in range(2):
         step()
@@ -145,12 +182,13 @@ def reference_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> 
 
     def one_sample(rows: list[int]) -> dict[str, Any]:
         batch = collate([rows])
+        del batch["image_ids"]
         tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
     training_args = TrainingArguments(
         output_dir=str(workdir / "reference"), per_device_train_batch_size=1, gradient_accumulation_steps=args.batch,
-        max_steps=args.warmup + args.steps, learning_rate=5e-5, bf16=device.type == "cuda",
+        max_steps=args.warmup + args.reference_steps, learning_rate=5e-5, bf16=device.type == "cuda",
         use_cpu=device.type == "cpu",
         logging_steps=1000, save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
     )
@@ -171,6 +209,12 @@ def other_run(args: argparse.Namespace, dataset: Dataset, workdir: Path, **chang
         pass
     free()  # outside the handler, once the traceback no longer holds the model
     return {"way": "petbreed", **changes, "error": "CUDA out of memory"}
+
+
+def printed(result: dict[str, Any]) -> dict[str, Any]:
+    """Each way's row as soon as it is measured: a run stopped by a time limit keeps what it got."""
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def _prompt(processor: Any, dataset: Dataset) -> Any:
@@ -195,7 +239,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="petbreed's timed steps (past one epoch: both timed)")
+    ap.add_argument("--reference-steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--json", type=Path)
@@ -208,11 +253,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = load_dataset(args.data, Path(tmp) / "cache")
         load_image(dataset.train[0].path)
-        ours = petbreed_way(args, dataset, Path(tmp))
-        reference = reference_way(args, dataset, Path(tmp))
-        extra = [other_run(args, dataset, Path(tmp), batch=int(b)) for b in filter(None, args.extra_batches.split(","))]
+        ours = printed(petbreed_way(args, dataset, Path(tmp)))
+        reference = printed(reference_way(args, dataset, Path(tmp)))
+        extra = [printed(other_run(args, dataset, Path(tmp), batch=int(b)))
+                 for b in filter(None, args.extra_batches.split(","))]
         if args.eager_too:
-            extra.append(other_run(args, dataset, Path(tmp), compile=False))
+            extra.append(printed(other_run(args, dataset, Path(tmp), compile=False)))
     result = {"bench": "train", "model": args.model, "effective_batch": args.batch,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "petbreed": ours, "reference": reference,

@@ -51,6 +51,10 @@ class TrainSettings(BaseSettings):
     num_workers: int = Field(0, ge=0, description="DataLoader workers doing image decoding and preprocessing")
     seed: int = 0
     device: str = "auto"
+    cache_image_features: bool = Field(
+        True, description="where the vision tower is frozen (LoRA on the language model only), compute each training "
+        "image's soft tokens once and reuse them in later epochs; no effect where the tower trains"
+    )
     compile: bool | None = Field(
         None, description="torch.compile the decoder and vision-encoder layers (fuses the element-wise work that "
         "dominates an eager step; the compiling happens in the first steps); None: on GPUs"

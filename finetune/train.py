@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from adapter_contract.prompt import ClassificationPrompt
 from adapter_contract.storage import Storage, open_storage
 from finetune import checkpoints, evaluate
 from finetune.data import DataError, Dataset, Example, load_image
+from finetune.image_features import ImageFeatureCache, tower_is_frozen
 from finetune.model import add_lora, compile_blocks, load_adapter, load_base, load_processor, pick_device
 from finetune.scoring import answer_loss, training_batch
 from finetune.settings import TrainSettings
@@ -75,7 +77,8 @@ class _Shard(torch.utils.data.IterableDataset):
 
 
 class Collator:
-    """Runs in DataLoader workers: decode images and build the padded, masked batch."""
+    """Runs in DataLoader workers: decode images and build the padded, masked batch, with each
+    row's example index as `image_ids` (the key of its cached soft tokens)."""
 
     def __init__(self, examples: list[Example], processor: Any, prompt: ClassificationPrompt, labels: LabelSet):
         self.examples, self.processor, self.prompt = examples, processor, prompt
@@ -84,9 +87,11 @@ class Collator:
     def __call__(self, indices: list[list[int]]) -> dict[str, Any]:
         batch = [self.examples[i] for i in indices[0]]
         images = [load_image(ex.path) for ex in batch]
-        return training_batch(
+        rows = training_batch(
             self.processor, self.prompt, images, [ex.label for ex in batch], self.texts, torch.device("cpu")
         )
+        rows["image_ids"] = torch.tensor(indices[0])
+        return rows
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +114,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     start: int
+    features: ImageFeatureCache | None
     records: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -133,6 +139,8 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter
     model = load_adapter(base, start_from, trainable=True) if start_from else add_lora(base, settings.lora)
+    features = ImageFeatureCache(model) if settings.cache_image_features and tower_is_frozen(model) else None
+    log.info("vision tower's soft tokens: %s", "computed once per image" if features else "computed every step")
     if on_gpu if settings.compile is None else settings.compile:
         log.info("compiling %d blocks on first use", compile_blocks(model))
     optimizer = torch.optim.AdamW(
@@ -149,7 +157,7 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
         log.info("resuming from checkpoint at step %d", start)
     model, optimizer = accelerator.prepare(model, optimizer)
     prompt = ClassificationPrompt.build(processor, dataset.labels)
-    run = Run(settings, dataset, accelerator, storage, processor, prompt, model, optimizer, scheduler, start)
+    run = Run(settings, dataset, accelerator, storage, processor, prompt, model, optimizer, scheduler, start, features)
     run.records = _load_records(run)
     return run
 
@@ -190,9 +198,11 @@ def _step(run: Run, batches: Any) -> dict[str, float]:
     t0, loss_sum, samples, tokens, waited = time.perf_counter(), 0.0, 0, 0, 0.0
     for _ in range(s.grad_accum):
         t_wait = time.perf_counter()
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+        batch = next(batches)
+        image_ids = batch.pop("image_ids").tolist()
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         waited += time.perf_counter() - t_wait
-        loss = batch_loss(run, batch) / s.grad_accum
+        loss = batch_loss(run, batch, image_ids) / s.grad_accum
         accelerator.backward(loss)
         loss_sum += loss.item()
         samples += batch["input_ids"].shape[0]
@@ -208,10 +218,13 @@ def _step(run: Run, batches: Any) -> dict[str, float]:
             "data_wait_s": waited}
 
 
-def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+def batch_loss(run: Run, batch: dict[str, Any], image_ids: list[int] | None = None) -> torch.Tensor:
+    """The answer loss of one batch; with the rows' example indices, the vision tower's output
+    for images seen before comes from the cache."""
+    cached = run.features.images(image_ids) if run.features and image_ids is not None else nullcontext()
     # Autocast runs the LoRA matmuls in bf16 already; PEFT's own upcast of each LoRA input to the
     # fp32 adapter weights would only add a copy of every LoRA input to fp32 and back.
-    with run.accelerator.autocast(), disable_input_dtype_casting(run.model):
+    with run.accelerator.autocast(), disable_input_dtype_casting(run.model), cached:
         return answer_loss(run.model, batch)
 
 

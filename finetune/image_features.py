@@ -1,0 +1,70 @@
+"""The frozen vision tower's soft tokens, computed once per training image and reused after.
+
+With LoRA on the language model only (the usual recipe for real checkpoints), the vision tower
+has no trainable weight and no dropout, so an image's soft tokens are the same in every epoch.
+On an E4B-shaped model the tower is a fifth of a training step's arithmetic (its 151 M weights
+run over 2,520 patches an image, not 304 tokens) and runs at a lower rate than the language
+model, so later epochs are cheaper by that much. Nothing changes where the tower trains (the
+tiny default's `all-linear` LoRA reaches its patch embedder): the cache then does not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+def vision_tower(model: Any) -> torch.nn.Module:
+    return next(m for name, m in model.named_modules() if name.endswith("vision_tower"))
+
+
+def tower_is_frozen(model: Any) -> bool:
+    tower = vision_tower(model)
+    no_dropout = all(m.p == 0 for m in tower.modules() if isinstance(m, torch.nn.Dropout))
+    return no_dropout and not any(p.requires_grad for p in tower.parameters())
+
+
+class ImageFeatureCache:
+    """Wraps the tower's forward: inside `images(ids)` each image id's soft tokens are computed
+    on first sight and looked up after; outside it (evaluation) the tower runs as usual."""
+
+    def __init__(self, model: Any) -> None:
+        self.tower = vision_tower(model)
+        self.pooling_area = self.tower.config.pooling_kernel_size ** 2
+        self.features: dict[int, torch.Tensor] = {}
+        self.ids: list[int] | None = None
+        self._forward = self.tower.forward
+        # An instance attribute, not a wrapper module: parameter names and checkpoints stay as they are.
+        self.tower.forward = self._cached_forward
+
+    @contextmanager
+    def images(self, ids: list[int]) -> Iterator[None]:
+        self.ids = ids
+        try:
+            yield
+        finally:
+            self.ids = None
+
+    def _cached_forward(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor,
+                        **kwargs: Any) -> BaseModelOutputWithPooling:
+        if self.ids is None:
+            return self._forward(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids, **kwargs)
+        new = [row for row, i in enumerate(self.ids) if i not in self.features]
+        if new:
+            self._compute(pixel_values[new], pixel_position_ids[new], [self.ids[row] for row in new])
+        tokens = torch.cat([self.features[i] for i in self.ids])
+        return BaseModelOutputWithPooling(last_hidden_state=tokens)
+
+    @torch.no_grad()
+    def _compute(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor, ids: list[int]) -> None:
+        tokens = self._forward(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids).last_hidden_state
+        # The tower returns every image's valid soft tokens back to back, one per pooled cell of
+        # real (not padding) patches: the same count Gemma 4 splits them by.
+        counts = ((pixel_position_ids != -1).all(dim=-1).sum(dim=-1) // self.pooling_area).tolist()
+        if sum(counts) != tokens.shape[0]:
+            raise RuntimeError(f"vision tower gave {tokens.shape[0]} soft tokens for images of {counts}")
+        self.features.update(zip(ids, tokens.split(counts), strict=True))

@@ -85,7 +85,7 @@ def petbreed_way(args: argparse.Namespace, dataset: Dataset, workdir: Path) -> d
         cache_dir=workdir / "cache",
         max_steps=args.warmup + args.steps, eval_every=0, checkpoint_every=10**9, batch_size=args.batch,
         num_workers=args.workers, lr=5e-5, warmup_steps=0, lora=LoraSettings(r=16, alpha=16, targets=LM_TARGETS),
-        compile=args.compile,
+        compile=args.compile, cache_image_features=args.vision_cache,
     )
     run = prepare(settings, dataset)
     reset_peak()
@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8, help="petbreed's timed steps (past one epoch: both timed)")
-    ap.add_argument("--reference-steps", type=int, default=5)
+    ap.add_argument("--reference-steps", type=int, default=5, help="0: petbreed only")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--json", type=Path)
@@ -248,21 +248,26 @@ def main() -> None:
     ap.add_argument("--extra-batches", default="", help="also time petbreed alone at these batch sizes, e.g. 32,64")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="petbreed's `compile` setting (on by default on GPUs)")
+    ap.add_argument("--vision-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="petbreed's `cache_image_features` setting (on by default)")
+    ap.add_argument("--uncached-too", action="store_true", help="also time petbreed with the vision cache off")
     ap.add_argument("--eager-too", action="store_true", help="also time petbreed with compile off")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = load_dataset(args.data, Path(tmp) / "cache")
         load_image(dataset.train[0].path)
         ours = printed(petbreed_way(args, dataset, Path(tmp)))
-        reference = printed(reference_way(args, dataset, Path(tmp)))
+        reference = printed(reference_way(args, dataset, Path(tmp))) if args.reference_steps else None
         extra = [printed(other_run(args, dataset, Path(tmp), batch=int(b)))
                  for b in filter(None, args.extra_batches.split(","))]
+        if args.uncached_too:
+            extra.append(printed(other_run(args, dataset, Path(tmp), vision_cache=False)))
         if args.eager_too:
             extra.append(printed(other_run(args, dataset, Path(tmp), compile=False)))
     result = {"bench": "train", "model": args.model, "effective_batch": args.batch,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "petbreed": ours, "reference": reference,
-              "speedup_samples_per_s": round(ours["samples_per_s"] / reference["samples_per_s"], 2),
+              "speedup_samples_per_s": reference and round(ours["samples_per_s"] / reference["samples_per_s"], 2),
               "petbreed_other_runs": extra}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -1,24 +1,25 @@
 """The frozen vision tower's soft tokens, computed once per training image and reused after.
 
 With LoRA on the language model only (the usual recipe for real checkpoints), the vision tower
-has no trainable weight and no dropout, so an image's soft tokens are the same in every epoch.
-On an E4B-shaped model the tower is a fifth of a training step's arithmetic (its 151 M weights
-run over 2,520 patches an image, not 304 tokens) and runs at a lower rate than the language
-model, so later epochs are cheaper by that much. Nothing changes where the tower trains (the
-tiny default's `all-linear` LoRA reaches its patch embedder): the cache then does not apply.
+has no trainable weight and no dropout, so an image's soft tokens are the same in every epoch and
+need no autograd. Measured on an H200 (E4B-shaped, batch 64, one run): 74.1 samples/s with the
+cache against 59.7 without it in the first epoch, where every image is new, so most of the gain
+is the tower running outside autograd; reusing the tokens in later epochs adds about 1.5 %. Where
+the tower trains (the tiny default's `all-linear` LoRA reaches its patch embedder) nothing changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
-def vision_tower(model: Any) -> torch.nn.Module:
+def vision_tower(model: Any) -> Any:
+    """Gemma 4's `Gemma4VisionModel` inside a (PEFT-wrapped) model."""
     return next(m for name, m in model.named_modules() if name.endswith("vision_tower"))
 
 
@@ -57,7 +58,7 @@ class ImageFeatureCache:
         if new:
             self._compute(pixel_values[new], pixel_position_ids[new], [self.ids[row] for row in new])
         tokens = torch.cat([self.features[i] for i in self.ids])
-        return BaseModelOutputWithPooling(last_hidden_state=tokens)
+        return BaseModelOutputWithPooling(last_hidden_state=cast(torch.FloatTensor, tokens))
 
     @torch.no_grad()
     def _compute(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor, ids: list[int]) -> None:

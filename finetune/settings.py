@@ -53,7 +53,8 @@ class TrainSettings(BaseSettings):
     device: str = "auto"
     cache_image_features: bool = Field(
         True, description="where the vision tower is frozen (LoRA on the language model only), compute each training "
-        "image's soft tokens once and reuse them in later epochs; no effect where the tower trains"
+        "image's soft tokens once, without autograd, and reuse them in later epochs (430 KB of GPU memory an image "
+        "at 280 soft tokens); no effect where the tower trains"
     )
     compile: bool | None = Field(
         None, description="torch.compile the decoder and vision-encoder layers (fuses the element-wise work that "

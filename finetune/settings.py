@@ -53,8 +53,11 @@ class TrainSettings(BaseSettings):
     device: str = "auto"
     cache_image_features: bool = Field(
         True, description="where the vision tower is frozen (LoRA on the language model only), compute each training "
-        "image's soft tokens once, without autograd, and reuse them in later epochs (430 KB of GPU memory an image "
-        "at 280 soft tokens); no effect where the tower trains"
+        "image's soft tokens without autograd and keep them for later epochs; no effect where the tower trains"
+    )
+    image_cache_gib: float = Field(
+        2.0, ge=0, description="GPU memory for kept soft tokens (430 KB an image at 280 soft tokens: 2 GiB holds "
+        "about 4,900 images); images past it are recomputed every epoch"
     )
     compile: bool | None = Field(
         None, description="torch.compile the decoder and vision-encoder layers (fuses the element-wise work that "

@@ -139,8 +139,10 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter
     model = load_adapter(base, start_from, trainable=True) if start_from else add_lora(base, settings.lora)
-    features = ImageFeatureCache(model) if settings.cache_image_features and tower_is_frozen(model) else None
-    log.info("vision tower's soft tokens: %s", "computed once per image" if features else "computed every step")
+    features = None
+    if settings.cache_image_features and tower_is_frozen(model):
+        features = ImageFeatureCache(model, int(settings.image_cache_gib * 2**30))
+    log.info("vision tower: %s", "frozen: no autograd, soft tokens kept" if features else "runs in every step")
     if on_gpu if settings.compile is None else settings.compile:
         log.info("compiling %d blocks on first use", compile_blocks(model))
     optimizer = torch.optim.AdamW(

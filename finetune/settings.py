@@ -56,7 +56,8 @@ class TrainSettings(BaseSettings):
         "image's soft tokens without autograd and keep them for later epochs; no effect where the tower trains"
     )
     image_cache_gib: float = Field(
-        2.0, ge=0, description="GPU memory for kept soft tokens (430 KB an image at 280 soft tokens: 2 GiB holds "
+        2.0, ge=0, description="memory on the training device for kept soft tokens (430 KB an image at 280 soft "
+        "tokens: 2 GiB holds "
         "about 4,900 images); images past it are recomputed every epoch"
     )
     compile: bool | None = Field(

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from finetune.data import Dataset, load_dataset, load_image
+from finetune.image_features import vision_tower
 from finetune.model import LoraSettings, add_lora, load_base, load_processor
 from finetune.settings import TrainSettings
 from finetune.train import Collator, batch_loss, fit, prepare
@@ -124,8 +125,6 @@ def first_batch(run: Any, batch_size: int) -> tuple[dict[str, Any], list[int]]:
 
 def tower_ms(run: Any, batch_size: int) -> float:
     """The vision tower's forward alone on one batch (median of 5, after 2), as a step runs it."""
-    from finetune.image_features import vision_tower
-
     batch, _ = first_batch(run, batch_size)
     tower = vision_tower(run.model)
     times = []

@@ -57,8 +57,7 @@ class TrainSettings(BaseSettings):
     )
     image_cache_gib: float = Field(
         2.0, ge=0, description="memory on the training device for kept soft tokens (430 KB an image at 280 soft "
-        "tokens: 2 GiB holds "
-        "about 4,900 images); images past it are recomputed every epoch"
+        "tokens: 2 GiB holds about 4,900 images); images past it are recomputed every epoch"
     )
     compile: bool | None = Field(
         None, description="torch.compile the decoder and vision-encoder layers (fuses the element-wise work that "

@@ -46,9 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# --ab: another way of the engine, switched on the running engine (worker method, its value);
-# the default is the method with the other value. The other way's rows carry the name as a suffix.
-AB = {"images_apart": ("petbreed_batch_images_on_cpu", False)}  # `stack_images_on_cpu` off
+AB = ("image_path", "images_apart")  # --ab: other ways of the engine, switched on the running engine (ab_ways)
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -299,20 +297,34 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         row = await measure(reference(128), images, level, max(4, level), 200_000)
         rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
-    ours = next(r["way"] for r in rows if not r["way"].endswith(tuple(AB)))
+    ours = rows[0]["way"]  # a sweep's first way is petbreed's default
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
 
 
+def ab_ways(name: str) -> tuple[str, dict[str, tuple[Any, ...]]]:
+    """A worker method and, per way, the suffix its rows carry and the method's arguments. The first
+    way ("") is petbreed's default."""
+    from serve.settings import VllmSettings
+
+    graphs = VllmSettings().vision_graph_images
+    ways: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
+        "images_apart": ("petbreed_batch_images_on_cpu", {"": (True,), "_images_apart": (False,)}),
+        "image_path": ("petbreed_image_path", {"": (True, graphs), "_no_graphs": (True, 0),
+                                               "_vllm_image_path": (False, 0)}),
+    }
+    return ways[name]
+
+
 def ab_variants(engine: Any, other: str | None) -> Variants | None:
-    """The default way and the `other` one (a key of AB), each switched on in the engine's workers."""
+    """The ways of `other` (a key of AB), each switched on in the engine's workers."""
     if other is None:
         return None
-    method, value = AB[other]
+    method, ways = ab_ways(other)
 
-    def switch(on: bool) -> Callable[[], Awaitable[Any]]:
-        return lambda: engine.collective_rpc(method, args=(on,))
+    def switch(args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
+        return lambda: engine.collective_rpc(method, args=args)
 
-    return {"": switch(not value), f"_{other}": switch(value)}
+    return {suffix: switch(args) for suffix, args in ways.items()}
 
 
 async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
@@ -537,8 +549,8 @@ def main() -> None:
                     help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
-    ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level twice, the default way then "
-                    "this one: images_apart (stack_images_on_cpu off)")
+    ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
+                    "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)

@@ -37,7 +37,7 @@ from PIL import Image
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.settings import ServeSettings
-from serve.vllm_compat import COMPILE_VISION_ENV, IMAGES_APART_ENV, tower_lora_supported
+from serve.vllm_compat import COMPILE_VISION_ENV, GRAPH_IMAGES_ENV, IMAGES_APART_ENV, tower_lora_supported
 
 log = logging.getLogger("petbreed.serve.engine")
 
@@ -74,6 +74,12 @@ def set_vllm_environment(settings: ServeSettings) -> None:
     compile_vision = settings.vllm.compile_vision_tower
     os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))
     os.environ[IMAGES_APART_ENV] = str(int(not settings.vllm.stack_images_on_cpu))
+    os.environ[GRAPH_IMAGES_ENV] = str(settings.vllm.vision_graph_images)
+
+
+def tower_lora(settings: ServeSettings) -> bool:
+    """Whether the engine applies adapters' vision tower and projector weights."""
+    return settings.vllm.tower_lora and tower_lora_supported()
 
 
 def _inductor_cache_chosen() -> bool:
@@ -97,10 +103,10 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
-        enable_tower_connector_lora=tower_lora_supported(),
+        enable_tower_connector_lora=tower_lora(settings),
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
-        # Runs serve/vllm_compat.py in the worker processes: a fix for Gemma 4 tower LoRA batches.
+        # Runs serve/vllm_compat.py in the worker processes: petbreed's changes to vLLM's Gemma 4.
         worker_extension_cls="serve.vllm_compat.PetbreedWorkerExtension",
     )
     if v.max_num_seqs is not None:

@@ -45,6 +45,16 @@ class VllmSettings(BaseModel):
         "vision tower. false hands them over one by one: on an H200, 8 requests at once went from 14.0 to 23.1 "
         "images/s, but 256 at once from 45.0 down to 36.4"
     )
+    vision_graph_images: int = Field(
+        8, ge=0, description="with CUDA and no tower LoRA: engine steps with up to this many images of one size run "
+        "the vision tower from CUDA graphs (captured the first time a shape is seen) instead of launching its "
+        "kernels from Python; 0: off"
+    )
+    tower_lora: bool = Field(
+        True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "
+        "adapters with such weights are refused, and images take petbreed's faster path (no padding patches, "
+        "CUDA graphs), as on vLLM 0.24"
+    )
     enable_prefix_caching: bool = True
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
     max_soft_tokens: int | None = Field(

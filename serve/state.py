@@ -19,13 +19,12 @@ from PIL import Image
 
 from adapter_contract.manifest import config_sha256
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier
+from serve.engine import Classifier, VllmClassifier, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
 from serve.schemas import LabelScore, Prediction
 from serve.settings import ServeSettings
-from serve.vllm_compat import tower_lora_supported
 
 log = logging.getLogger("petbreed.serve")
 
@@ -79,7 +78,7 @@ class ServerState:
         s = self.settings
         self.table = AdapterTable(
             s.registry, s.cache_dir, base.processor, base.config_sha256, s.vllm.max_lora_rank, s.default_adapter,
-            tower_lora=tower_lora_supported(),
+            tower_lora=tower_lora(s),
         )
         if self.classifier is None:
             self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path)

@@ -1,5 +1,7 @@
 """Changes to vLLM's Gemma 4, applied inside vLLM's worker processes: a fix for its tower/connector
-LoRA, a compiled vision tower, and (a setting) images handed to the tower without a CPU copy.
+LoRA, a compiled vision tower, petbreed's image path where the tower has no LoRA (no padding
+patches, CUDA graphs for small steps: serve/vision_tower.py), and (a setting) images handed to the
+tower without a CPU copy.
 
 vLLM sizes the LoRA index buffers of the vision tower from
 `Gemma4ForConditionalGeneration.get_mm_lora_token_counts(mm_kwargs=None, num_mm_embeds=budget)`,
@@ -45,11 +47,16 @@ from typing import Any
 
 import torch
 
+from serve.vision_tower import TowerGraphs, encode_group, encode_images
+
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
+GRAPH_IMAGES_ENV = "PETBREED_VISION_GRAPH_IMAGES"
 
-
-_images_apart = os.environ.get(IMAGES_APART_ENV) == "1"  # read in the worker process
+# Read in the worker process; the worker methods below change them on a running engine.
+_images_apart = os.environ.get(IMAGES_APART_ENV) == "1"
+_unpadded_images = True
+_graph_images = int(os.environ.get(GRAPH_IMAGES_ENV, "0"))
 
 
 class PetbreedWorkerExtension:
@@ -60,6 +67,12 @@ class PetbreedWorkerExtension:
         """vLLM's own stacking of a step's images on the CPU (True) or petbreed's per-image list."""
         global _images_apart
         _images_apart = not on
+
+    def petbreed_image_path(self, unpadded: bool, graph_images: int) -> None:
+        """petbreed's image path (no padding patches; CUDA graphs for steps of up to `graph_images`
+        images) or, with `unpadded` False, vLLM's own."""
+        global _unpadded_images, _graph_images
+        _unpadded_images, _graph_images = unpadded, graph_images
 
 
 def _gemma4_class() -> Any:
@@ -117,6 +130,36 @@ def _patch_gemma4_vision_compile() -> None:
     model_cls.__init__ = __init__
 
 
+def _patch_gemma4_image_path() -> None:
+    model_cls = _gemma4_class()
+    original = _unpatched(model_cls, "_process_image_input")
+    if original is None:
+        return
+
+    def _process_image_input(self: Any, image_input: Any) -> list[torch.Tensor]:
+        if _unpadded_images and not getattr(self, "_enable_mm_lora", False):
+            pixels, positions = image_input["pixel_values"], image_input["pixel_position_ids"]
+            tokens = encode_images(self, pixels, positions, _tower_encoder(self, pixels))
+            if tokens is not None:
+                return tokens
+        return list(original(self, image_input))
+
+    _process_image_input._petbreed_patched = True  # type: ignore[attr-defined]
+    model_cls._process_image_input = _process_image_input
+
+
+def _tower_encoder(model: Any, pixels: Any) -> Any:
+    """`encode_group` for this model, through CUDA graphs where they are on and the images on a GPU."""
+    device = pixels.device if isinstance(pixels, torch.Tensor) else pixels[0].device
+    if _graph_images <= 0 or device.type != "cuda":
+        return functools.partial(encode_group, model)
+    graphs = getattr(model, "_petbreed_tower_graphs", None)
+    if graphs is None or graphs.max_images != _graph_images:
+        graphs = TowerGraphs(functools.partial(encode_group, model), _graph_images)
+        model._petbreed_tower_graphs = graphs
+    return graphs
+
+
 def _patch_images_apart() -> None:
     try:
         from vllm.multimodal.inputs import MultiModalBatchedField
@@ -143,6 +186,7 @@ def _is_cpu_array(item: Any) -> bool:
 
 _patch_gemma4_tower_lora_budget()
 _patch_gemma4_vision_compile()
+_patch_gemma4_image_path()
 _patch_images_apart()
 
 

@@ -27,7 +27,7 @@ from adapter_contract.registry import Registry
 from finetune.data import load_dataset, load_image
 from finetune.model import LoraSettings
 from finetune.synthetic import BREEDS
-from finetune.tiny_model import make_random_adapter
+from finetune.tiny_model import make_random_adapter, publish_random_adapter
 from tests.conftest import free_port, running_server
 
 TOKEN = "test-admin-token"
@@ -218,7 +218,7 @@ def test_other_accepted_formats(client: httpx.Client, test_images: list[tuple[st
 def test_parity_with_transformers_peft(
     client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
 ) -> None:
-    assert_parity(client, registry_uri, tiny_model, test_images, tmp_path)
+    assert_accurate(assert_parity(client, registry_uri, tiny_model, test_images, tmp_path), test_images)
 
 
 def test_parity_with_a_compiled_vision_tower(
@@ -234,14 +234,43 @@ def test_parity_with_a_compiled_vision_tower(
            "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "PETBREED_VLLM__STACK_IMAGES_ON_CPU": "false"}
     with running_server(tiny_model, env, port, tmp_path) as server, \
             httpx.Client(base_url=str(server["url"]), timeout=120) as client:
-        assert_parity(client, trained_registry, tiny_model, test_images, tmp_path)
+        assert_accurate(assert_parity(client, trained_registry, tiny_model, test_images, tmp_path), test_images)
     inductor = tmp_path / "cache" / "inductor"  # running_server's PETBREED_CACHE_DIR
     assert any(inductor.rglob("*.py")), "the engine compiled nothing there"  # inductor's generated kernels
 
 
+def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
+    tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """`tower_lora` off, as on vLLM 0.24: images go through the tower without their padding patches,
+    one call per patch count, and a language-model-only adapter answers as transformers + PEFT do.
+    Each image has another shape (so another patch count) and they arrive in one request."""
+    registry = str(tmp_path / "registry")
+    lm_only = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
+    publish_random_adapter(tiny_model, registry, LabelSet(labels=BREEDS[:6]), lm_only, std=0.3)
+    shaped = []
+    for (label, path), size in zip(test_images, [(96, 64), (64, 96), (80, 80), (120, 40), (50, 70), (64, 64)],
+                                   strict=True):
+        out = tmp_path / f"{label}.jpg"
+        Image.open(path).convert("RGB").resize(size).save(out)
+        shaped.append((label, out))
+    port = free_port()
+    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
+           "PETBREED_VLLM__TOWER_LORA": "false"}
+    with running_server(tiny_model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        assert_parity(client, registry, tiny_model, shaped, tmp_path)
+
+
+def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> None:
+    """The trained adapter is accurate on held-out images, through the server too."""
+    correct = sum(p["label"] == label for p, (label, _) in zip(served, test_images, strict=True))
+    assert correct >= 5
+
+
 def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]],
-                  tmp_path: Path) -> None:
-    """The server's distributions are transformers + PEFT's on the same images, to 1e-4."""
+                  tmp_path: Path) -> list[dict]:
+    """The server's distributions are transformers + PEFT's on the same images, to 1e-4. Returns them."""
     import torch
 
     from adapter_contract.prompt import ClassificationPrompt
@@ -263,9 +292,7 @@ def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, tes
         expected = dict(zip(manifest.labels.ids, ref, strict=True))
         assert prediction["label"] == max(expected, key=expected.__getitem__)
         assert full_distribution(prediction) == pytest.approx(expected, abs=1e-4)
-    # The trained adapter is accurate on held-out images, through the server too.
-    correct = sum(p["label"] == label for p, (label, _) in zip(served, test_images, strict=True))
-    assert correct >= 5
+    return list(served)
 
 
 # --- adapters: side by side, refusal, hot reload -------------------------------------------------

@@ -1,0 +1,129 @@
+"""petbreed's image path through vLLM's Gemma 4 vision tower, used where the tower has no LoRA.
+
+Gemma 4's processor pads every image's patches up to the budget's maximum (a 448 px square at
+280 soft tokens: 2,304 real patches padded to 2,520), and vLLM runs the tower on the padded batch.
+Padding needs an attention mask, and with a mask PyTorch cannot use its flash kernel; compiled,
+transformers always builds the mask, even when nothing is padded. Here the padding patches are cut
+off instead (they are at the end of each image, and the tower ignores them), images are grouped by
+their real patch count, and each group goes through the tower in one call with no mask: the same
+soft tokens as vLLM's way. On an H200 the encoder alone ran 1.21x faster without the padding.
+
+At low concurrency the tower's time is mostly the CPU launching its kernels (a torch profile at
+one request at a time: ~16 ms of a ~33 ms engine step for ~10 ms of GPU work). So small groups
+(up to `graph_images` images) are replayed from CUDA graphs, one per (batch size rounded up to a
+power of two, patch count), captured the first time that shape is seen; the unused rows hold an
+earlier image and are dropped.
+
+With tower LoRA on (vLLM >= 0.32, `enable_tower_connector_lora`) vLLM's own path runs: its LoRA
+kernels are sized for its padded batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("petbreed.serve.vision_tower")
+
+Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pixels, positions) -> soft tokens
+
+
+def real_patch_counts(positions: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+    """Patches per image that are not padding (Gemma 4 pads with position (-1, -1)); one host sync."""
+    if isinstance(positions, torch.Tensor):
+        return [int(n) for n in (positions[..., 0] >= 0).sum(dim=-1).tolist()]
+    return [int(n) for n in torch.stack([(p[..., 0] >= 0).sum() for p in positions]).tolist()]
+
+
+def encode_group(model: Any, pixels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Soft tokens (images, patches / k^2, text hidden) of images that all have exactly these
+    patches, none of them padding. What vLLM's `_process_image_input` computes per image."""
+    tower = model.vision_tower
+    k2 = model.config.vision_config.pooling_kernel_size ** 2
+    no_padding = torch.zeros(positions.shape[:2], dtype=torch.bool, device=positions.device)
+    embeds = tower.patch_embedder(pixels, positions, no_padding).to(model.model_dtype)
+    hidden = tower.encoder(inputs_embeds=embeds, attention_mask=None, pixel_position_ids=positions)
+    pooled, _ = tower.pooler(hidden_states=hidden.last_hidden_state, pixel_position_ids=positions,
+                             padding_positions=no_padding, output_length=pixels.shape[1] // k2)
+    if getattr(tower.config, "standardize", False):
+        pooled = (pooled - tower.std_bias) * tower.std_scale
+    return model.embed_vision(inputs_embeds=pooled.to(model.model_dtype))
+
+
+def encode_images(model: Any, pixels: torch.Tensor | Sequence[torch.Tensor],
+                  positions: torch.Tensor | Sequence[torch.Tensor], encode: Encode) -> list[torch.Tensor] | None:
+    """Per-image soft tokens, one `encode` call per real patch count; None if an image's real
+    patches do not pool evenly (not Gemma 4's processor: vLLM's own path handles it)."""
+    k2 = model.config.vision_config.pooling_kernel_size ** 2
+    counts = real_patch_counts(positions)
+    if any(n == 0 or n % k2 for n in counts):
+        return None
+    groups: dict[int, list[int]] = {}
+    for index, n in enumerate(counts):
+        groups.setdefault(n, []).append(index)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(counts)
+    for n, indices in groups.items():
+        tokens = encode(torch.stack([pixels[i][:n] for i in indices]), torch.stack([positions[i][:n] for i in indices]))
+        for row, index in enumerate(indices):
+            out[index] = tokens[row]
+    return out
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    pixels: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class TowerGraphs:
+    """`encode` replayed from CUDA graphs for groups of up to `max_images` images."""
+
+    encode: Encode
+    max_images: int
+    _graphs: dict[tuple[int, int], _Graph | None] = field(default_factory=dict)
+    _pool: Any = None  # one memory pool: graphs run one at a time, outputs are copied
+
+    def __call__(self, pixels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        images = pixels.shape[0]
+        size = 1 << (images - 1).bit_length()
+        if size > self.max_images:
+            return self.encode(pixels, positions)
+        key = (size, pixels.shape[1])
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(pixels, positions, size)
+        captured = self._graphs[key]
+        if captured is None:
+            return self.encode(pixels, positions)
+        captured.pixels[:images].copy_(pixels)
+        captured.positions[:images].copy_(positions)
+        captured.graph.replay()
+        return captured.tokens[:images].clone()  # the next replay overwrites the graph's output
+
+    def _capture(self, pixels: torch.Tensor, positions: torch.Tensor, size: int) -> _Graph | None:
+        static_pixels = pixels[:1].expand(size, *pixels.shape[1:]).clone()
+        static_positions = positions[:1].expand(size, *positions.shape[1:]).clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
+                for _ in range(2):
+                    self.encode(static_pixels, static_positions)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                tokens = self.encode(static_pixels, static_positions)
+        except RuntimeError as err:  # e.g. an op that syncs with the host: this shape runs uncaptured
+            log.warning("vision tower not captured in a CUDA graph",
+                        extra={"shape": list(pixels.shape), "error": str(err)})
+            return None
+        log.info("vision tower captured in a CUDA graph", extra={"images": size, "patches": pixels.shape[1]})
+        return _Graph(graph, static_pixels, static_positions, tokens)

@@ -143,7 +143,8 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
 
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
-                        max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision)
+                        max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
+                        vision_graph_images=args.graph_images)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -269,7 +270,8 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
                 await classifier.classify([image], entry, top_k)
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-            rows += await sweep(name, petbreed, images, levels, args.scale, seed0, ab_variants(engine.engine, args.ab))
+            variants = ab_variants(engine.engine, args.ab, args.graph_images)
+            rows += await sweep(name, petbreed, images, levels, args.scale, seed0, variants)
             seed0 += 1_000_000
 
     if args.no_reference:
@@ -301,12 +303,9 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
 
 
-def ab_ways(name: str) -> tuple[str, dict[str, tuple[Any, ...]]]:
+def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
     """A worker method and, per way, the suffix its rows carry and the method's arguments. The first
-    way ("") is petbreed's default."""
-    from serve.settings import VllmSettings
-
-    graphs = VllmSettings().vision_graph_images
+    way ("") is the engine's as started (`graphs`: its vision_graph_images)."""
     ways: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
         "images_apart": ("petbreed_batch_images_on_cpu", {"": (True,), "_images_apart": (False,)}),
         "image_path": ("petbreed_image_path", {"": (True, graphs), "_no_graphs": (True, 0),
@@ -315,11 +314,11 @@ def ab_ways(name: str) -> tuple[str, dict[str, tuple[Any, ...]]]:
     return ways[name]
 
 
-def ab_variants(engine: Any, other: str | None) -> Variants | None:
+def ab_variants(engine: Any, other: str | None, graphs: int) -> Variants | None:
     """The ways of `other` (a key of AB), each switched on in the engine's workers."""
     if other is None:
         return None
-    method, ways = ab_ways(other)
+    method, ways = ab_ways(other, graphs)
 
     def switch(args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
         return lambda: engine.collective_rpc(method, args=args)
@@ -488,7 +487,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
            "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
            "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
-           "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens)}
+           "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
+           "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images)}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
@@ -551,6 +551,8 @@ def main() -> None:
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own)")
+    ap.add_argument("--graph-images", type=int, default=VllmSettings().vision_graph_images,
+                    help="vision_graph_images: CUDA graphs of the tower for steps of up to N images (0: off)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)

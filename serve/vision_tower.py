@@ -12,7 +12,8 @@ At low concurrency the tower's time is mostly the CPU launching its kernels (a t
 one request at a time: ~16 ms of a ~33 ms engine step for ~10 ms of GPU work). So small groups
 (up to `graph_images` images) are replayed from CUDA graphs, one per (batch size rounded up to a
 power of two, patch count), captured the first time that shape is seen; the unused rows hold an
-earlier image and are dropped.
+earlier image and are dropped. The graphs capture the uncompiled modules: no compiler guards or
+recompilation inside a capture, and no compilation for a batch of one at start-up.
 
 With tower LoRA on (vLLM >= 0.32, `enable_tower_connector_lora`) vLLM's own path runs: its LoRA
 kernels are sized for its padded batch.
@@ -39,16 +40,19 @@ def real_patch_counts(positions: torch.Tensor | Sequence[torch.Tensor]) -> list[
     return [int(n) for n in torch.stack([(p[..., 0] >= 0).sum() for p in positions]).tolist()]
 
 
-def encode_group(model: Any, pixels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def encode_group(model: Any, pixels: torch.Tensor, positions: torch.Tensor, eager: bool = False) -> torch.Tensor:
     """Soft tokens (images, patches / k^2, text hidden) of images that all have exactly these
-    patches, none of them padding. What vLLM's `_process_image_input` computes per image."""
+    patches, none of them padding. What vLLM's `_process_image_input` computes per image. `eager`
+    bypasses the parts' torch.compile, if any."""
     tower = model.vision_tower
+    embedder, encoder, pooler = (part.forward if eager else part for part in
+                                 (tower.patch_embedder, tower.encoder, tower.pooler))
     k2 = model.config.vision_config.pooling_kernel_size ** 2
     no_padding = torch.zeros(positions.shape[:2], dtype=torch.bool, device=positions.device)
-    embeds = tower.patch_embedder(pixels, positions, no_padding).to(model.model_dtype)
-    hidden = tower.encoder(inputs_embeds=embeds, attention_mask=None, pixel_position_ids=positions)
-    pooled, _ = tower.pooler(hidden_states=hidden.last_hidden_state, pixel_position_ids=positions,
-                             padding_positions=no_padding, output_length=pixels.shape[1] // k2)
+    embeds = embedder(pixels, positions, no_padding).to(model.model_dtype)
+    hidden = encoder(inputs_embeds=embeds, attention_mask=None, pixel_position_ids=positions)
+    pooled, _ = pooler(hidden_states=hidden.last_hidden_state, pixel_position_ids=positions,
+                       padding_positions=no_padding, output_length=pixels.shape[1] // k2)
     if getattr(tower.config, "standardize", False):
         pooled = (pooled - tower.std_bias) * tower.std_scale
     return model.embed_vision(inputs_embeds=pooled.to(model.model_dtype))
@@ -83,8 +87,10 @@ class _Graph:
 
 @dataclass
 class TowerGraphs:
-    """`encode` replayed from CUDA graphs for groups of up to `max_images` images."""
+    """`capture` replayed from CUDA graphs for groups of up to `max_images` images; `encode` for
+    larger groups and for shapes that could not be captured."""
 
+    capture: Encode
     encode: Encode
     max_images: int
     _graphs: dict[tuple[int, int], _Graph | None] = field(default_factory=dict)
@@ -112,15 +118,15 @@ class TowerGraphs:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture
+            with torch.cuda.stream(side):  # warm-up outside the capture
                 for _ in range(2):
-                    self.encode(static_pixels, static_positions)
+                    self.capture(static_pixels, static_positions)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                tokens = self.encode(static_pixels, static_positions)
+                tokens = self.capture(static_pixels, static_positions)
         except RuntimeError as err:  # e.g. an op that syncs with the host: this shape runs uncaptured
             log.warning("vision tower not captured in a CUDA graph",
                         extra={"shape": list(pixels.shape), "error": str(err)})

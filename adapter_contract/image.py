@@ -10,8 +10,24 @@ reduced DCT scale, or box-reducing other formats by an integer factor, skips tha
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 from PIL import Image, ImageOps
+from pydantic import AfterValidator
+
+# Gemma 4's image token budgets (its processor's `max_soft_tokens`): an image becomes up to this many
+# soft tokens, resized to fill budget x 9 patches. Fewer is faster to train and serve, and may cost
+# accuracy: an adapter is served with the budget it was trained with (its manifest says which).
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+
+
+def _known_budget(value: int) -> int:
+    if value not in SOFT_TOKEN_BUDGETS:
+        raise ValueError(f"must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, not {value}")
+    return value
+
+
+SoftTokens = Annotated[int, AfterValidator(_known_budget)]
 
 # Twice what the default 280-token budget uses, and about what the largest (1120) uses.
 MAX_SIDE = 1600

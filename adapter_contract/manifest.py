@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from adapter_contract.image import SoftTokens
 from adapter_contract.labels import LabelSet
 
 MANIFEST_FILE = "manifest.json"
@@ -31,6 +32,9 @@ class AdapterManifest(BaseModel):
     instruction: str
     answer_terminator: str
     data_fingerprint: str
+    image_soft_tokens: SoftTokens | None = Field(
+        None, description="the image token budget it was trained with; None (manifests before it): the base model's"
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     parent: str | None = None
     previous_labels: list[str] | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapter_contract.image import SoftTokens
 from adapter_contract.prompt import ClassificationPrompt
 from finetune import evaluate
 from finetune.data import DataError, load_dataset
@@ -27,6 +28,10 @@ class EvalSettings(BaseSettings):
     output: Path = Field(Path("artifacts/eval"), description="folder for the reports")
     cache_dir: Path = Path(".cache/petbreed")
     batch_size: int = Field(32, ge=1)
+    image_soft_tokens: SoftTokens | None = Field(
+        None, description="image token budget to evaluate with instead of the adapter's own: what serving it with "
+        "PETBREED_VLLM__MAX_SOFT_TOKENS would answer"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     device: str = "auto"
@@ -38,13 +43,14 @@ class EvalSummary(BaseModel):
     accuracy: float
     macro_f1: float
     base_accuracy: float
+    image_soft_tokens: int
     output: str
 
 
 def run_eval(settings: EvalSettings) -> EvalSummary:
     device = pick_device(settings.device)
     model, processor, manifest = load_published(
-        settings.registry, settings.adapter, settings.base_model, settings.cache_dir, device
+        settings.registry, settings.adapter, settings.base_model, settings.cache_dir, device, settings.image_soft_tokens
     )
     dataset = load_dataset(settings.data, settings.cache_dir, settings.test_fraction, settings.seed)
     unknown = sorted({e.label for e in dataset.test} - set(manifest.labels.ids))
@@ -60,4 +66,4 @@ def run_eval(settings: EvalSettings) -> EvalSummary:
     evaluate.write(base_report, settings.output, prefix="base_")
     return EvalSummary(adapter=manifest.ref, n=adapter_report.n, accuracy=adapter_report.accuracy,
                        macro_f1=adapter_report.macro_f1, base_accuracy=base_report.accuracy,
-                       output=str(settings.output))
+                       image_soft_tokens=processor.image_processor.max_soft_tokens, output=str(settings.output))

@@ -48,11 +48,14 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load_processor(model_path: str) -> Any:
+def load_processor(model_path: str, soft_tokens: int | None = None) -> Any:
+    """The base model's processor; with `soft_tokens`, images become up to that many tokens."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
+    if soft_tokens is not None:
+        processor.image_processor.max_soft_tokens = soft_tokens
     return processor
 
 
@@ -101,8 +104,10 @@ def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_published(registry_uri: str, ref: str, base_model: str, cache_dir: Path, device: torch.device) -> Any:
-    """Base model + a registry adapter (downloaded and hash-checked), ready for scoring.
+def load_published(registry_uri: str, ref: str, base_model: str, cache_dir: Path, device: torch.device,
+                   soft_tokens: int | None = None) -> Any:
+    """Base model + a registry adapter (downloaded and hash-checked), ready for scoring, with the
+    image token budget it was trained with unless `soft_tokens` is given.
     Returns (model, processor, manifest)."""
     from adapter_contract.registry import Registry
 
@@ -112,4 +117,4 @@ def load_published(registry_uri: str, ref: str, base_model: str, cache_dir: Path
     manifest = registry.download(name, version, folder)
     model_path = resolve_base_model(base_model, cache_dir)
     model = load_adapter(load_base(model_path, device), folder)
-    return model.eval(), load_processor(model_path), manifest
+    return model.eval(), load_processor(model_path, soft_tokens or manifest.image_soft_tokens), manifest

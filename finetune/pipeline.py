@@ -34,6 +34,10 @@ def run_training(settings: TrainSettings) -> RunSummary:
     plan = retrain.plan(settings, dataset) if settings.parent else None
     if plan:
         dataset = plan.dataset
+    # The image token budget the adapter is trained, evaluated and then served with, made explicit.
+    inherited = plan.parent.image_soft_tokens if plan else None
+    processor = load_processor(model_path, settings.image_soft_tokens or inherited)
+    settings = settings.model_copy(update={"image_soft_tokens": processor.image_processor.max_soft_tokens})
     result = train(settings.model_copy(update={"base_model": model_path}), dataset, plan.parent_dir if plan else None)
     summary = RunSummary(
         accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
@@ -47,7 +51,7 @@ def run_training(settings: TrainSettings) -> RunSummary:
         summary.parent_accuracy = plan.parent.metrics.get("accuracy")
     if settings.publish:
         manifest = build_manifest(
-            settings, config_path(model_path), dataset.labels, answer_terminator(load_processor(model_path)),
+            settings, config_path(model_path), dataset.labels, answer_terminator(processor),
             dataset.fingerprint(), result.report, result.base_report,
             Lineage(plan.data_sources, plan.parent.ref, plan.old_labels) if plan else Lineage([settings.data]),
         )

@@ -37,6 +37,7 @@ def build_manifest(
         instruction=INSTRUCTION,
         answer_terminator=terminator,
         data_fingerprint=fingerprint,
+        image_soft_tokens=settings.image_soft_tokens,
         metrics=metrics,
         parent=lineage.parent,
         previous_labels=lineage.previous_labels,

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapter_contract.image import SoftTokens
 from finetune.model import LoraSettings
 
 
@@ -35,6 +36,11 @@ class TrainSettings(BaseSettings):
     cache_dir: Path = Path(".cache/petbreed")
     tensorboard_dir: str | None = Field(None, validation_alias=_env("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR"))
 
+    image_soft_tokens: SoftTokens | None = Field(
+        None, description="image token budget: 70, 140, 280, 560 or 1120 soft tokens per image; fewer trains and "
+        "serves faster and may cost accuracy (docs/performance.md). None: the parent's when retraining, else the "
+        "base model's. Recorded in the manifest, so the adapter is served with it"
+    )
     lora: LoraSettings = LoraSettings()
     lr: float = 1e-2
     warmup_steps: int = Field(10, ge=0)

@@ -134,7 +134,7 @@ def prepare(settings: TrainSettings, dataset: Dataset, parent_adapter: Path | No
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
     storage = open_storage(settings.output)
     _claim_run_folder(storage, settings)
-    processor = load_processor(settings.base_model)
+    processor = load_processor(settings.base_model, settings.image_soft_tokens)
     base = load_base(settings.base_model, accelerator.device)
     ckpt = checkpoints.latest(storage, settings.cache_dir / "resume" / _slug(settings.output))
     start_from = ckpt.folder if ckpt else parent_adapter

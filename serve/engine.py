@@ -131,8 +131,9 @@ def _has_cuda() -> bool:
 @dataclass
 class VllmClassifier:
     engine: Any  # vllm AsyncLLM
-    # Image token budget per request (None: the model's). Per request rather than per engine, so
-    # one engine can serve (and a benchmark can compare) several budgets.
+    # Image token budget for every adapter (None: each adapter's own, from its manifest). Per
+    # request rather than per engine, so one engine serves adapters trained with different budgets
+    # (and a benchmark can compare them).
     soft_tokens: int | None = None
 
     @classmethod
@@ -157,7 +158,7 @@ class VllmClassifier:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
-        image_input = self._image_input(image)
+        image_input = self._image_input(image, entry)
         root = trie.branches[0]
         found = {root.prefix: await self._next_token(image_input, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
@@ -170,14 +171,15 @@ class VllmClassifier:
         found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
         return [0.0 if p is None else p for p in trie.resolve(found)[0]]
 
-    def _image_input(self, image: Image.Image) -> dict[str, Any]:
+    def _image_input(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
         """The image part of a prompt. Every request about this image carries the same fresh id, so
         vLLM neither hashes the pixels nor preprocesses them twice, and its caches match the requests."""
         image_input: dict[str, Any] = {
             "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid.uuid4().hex]}
         }
-        if self.soft_tokens is not None:
-            image_input["mm_processor_kwargs"] = {"max_soft_tokens": self.soft_tokens}
+        budget = self.soft_tokens or entry.manifest.image_soft_tokens
+        if budget is not None:
+            image_input["mm_processor_kwargs"] = {"max_soft_tokens": budget}
         return image_input
 
     async def _next_token(self, image_input: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:

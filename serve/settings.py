@@ -14,6 +14,8 @@ from typing import Self
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapter_contract.image import SoftTokens
+
 
 class VllmSettings(BaseModel):
     """Engine arguments passed through to vLLM's AsyncEngineArgs (names as vLLM spells them)."""
@@ -46,9 +48,9 @@ class VllmSettings(BaseModel):
         "images/s, but 256 at once from 45.0 down to 36.4"
     )
     vision_graph_images: int = Field(
-        8, ge=0, description="with CUDA and no tower LoRA: engine steps with up to this many images of one size run "
+        0, ge=0, description="with CUDA and no tower LoRA: engine steps with up to this many images of one size run "
         "the vision tower from CUDA graphs (captured the first time a shape is seen) instead of launching its "
-        "kernels from Python; 0: off"
+        "kernels from Python; 0: off. Experimental: not yet measured on a GPU (docs/performance.md)"
     )
     tower_lora: bool = Field(
         True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "
@@ -57,9 +59,10 @@ class VllmSettings(BaseModel):
     )
     enable_prefix_caching: bool = True
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")
-    max_soft_tokens: int | None = Field(
-        None, description="image token budget (70, 140, 280, 560, 1120): fewer is faster and may cost accuracy; "
-        "None: the model's default. Serve with the budget the adapter was trained with unless measured otherwise."
+    max_soft_tokens: SoftTokens | None = Field(
+        None, description="image token budget for every adapter, instead of the one its manifest says it was "
+        "trained with (fewer is faster and may cost accuracy: docs/performance.md); None: each adapter's own, "
+        "or the model's default for manifests that name none"
     )
 
 

@@ -35,6 +35,7 @@ def test_published_manifest_describes_the_adapter(trained_run: dict[str, object]
     assert len(manifest.labels) == 6
     assert manifest.metrics["accuracy"] == trained_run["accuracy"]
     assert manifest.base_model.id == str(tiny_model)
+    assert manifest.image_soft_tokens == 70, "the budget it trained with (the tiny model's default), written down"
     assert {"adapter_model.safetensors", "adapter_config.json", "eval/report.json"} <= set(manifest.files)
 
 
@@ -49,4 +50,11 @@ def test_eval_command_reproduces_the_published_metrics(
     ))
     assert result["accuracy"] == trained_run["accuracy"]
     assert result["base_accuracy"] == trained_run["base_accuracy"]
+    assert result["image_soft_tokens"] == 70  # the adapter's own
     assert (tmp_path / "eval" / "confusion.png").exists()
+    other = summary(petbreed(
+        "eval", "--data", str(synthetic_data), "--registry", str(trained_run["registry"]), "--adapter", "pets@1",
+        "--base-model", str(tiny_model), "--output", str(tmp_path / "eval140"), "--cache-dir", str(tmp_path / "cache"),
+        "--image-soft-tokens", "140",
+    ))
+    assert other["image_soft_tokens"] == 140

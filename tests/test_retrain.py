@@ -30,6 +30,7 @@ def test_new_breeds_are_learned_and_old_ones_kept(
     manifest = Registry(str(registry)).manifest("pets", 2)
     parent = Registry(str(registry)).manifest("pets", 1)
     assert manifest.parent == "pets@1"
+    assert manifest.image_soft_tokens == parent.image_soft_tokens
     assert manifest.previous_labels == parent.labels.ids
     assert manifest.labels.ids[:6] == parent.labels.ids, "old breeds keep their indices"
     assert set(manifest.labels.ids[6:]) == {"Bombay", "beagle"}

@@ -35,9 +35,11 @@ class RecordingEngine:
         return math.log(self.probs[token]) if token in self.probs else -token / 100
 
 
-def entry_for(trie: LabelTrie) -> Any:
+def entry_for(trie: LabelTrie, soft_tokens: int | None = None) -> Any:
     prompt = SimpleNamespace(trie=trie)
-    return SimpleNamespace(prompt=prompt, prompt_token_ids=(7, 8), ref="pets@1", lora_id=1, path=Path("adapter"))
+    manifest = SimpleNamespace(image_soft_tokens=soft_tokens)
+    return SimpleNamespace(prompt=prompt, prompt_token_ids=(7, 8), ref="pets@1", lora_id=1, path=Path("adapter"),
+                           manifest=manifest)
 
 
 def test_a_node_with_more_children_than_one_request_returns_is_asked_in_chunks() -> None:
@@ -68,6 +70,20 @@ def test_every_request_about_one_image_names_it_with_the_same_id_and_other_image
     assert len(engine.requests) == 4  # two nodes for each image
     assert [len(uids) for uids in ids.values()] == [1, 1]
     assert len(set.union(*ids.values())) == 2
+
+
+@pytest.mark.parametrize(("adapters", "override", "sent"), [(None, None, None), (140, None, 140), (140, 70, 70)])
+def test_images_are_sent_with_the_adapters_own_budget_unless_the_server_sets_one(
+    adapters: int | None, override: int | None, sent: int | None
+) -> None:
+    engine = RecordingEngine()
+    trie = LabelTrie([(1,), (4,)])
+
+    asyncio.run(VllmClassifier(engine, soft_tokens=override).classify([Image.new("RGB", (8, 8))],
+                                                                       entry_for(trie, adapters)))
+
+    [request] = engine.requests
+    assert request["prompt"].get("mm_processor_kwargs") == (None if sent is None else {"max_soft_tokens": sent})
 
 
 def test_with_top_k_deeper_nodes_are_asked_only_where_a_top_label_can_hide() -> None:

@@ -37,6 +37,19 @@ def test_checkpoint_reloads_through_auto_classes(tiny_model: Path) -> None:
     assert saved["vision_config"]["default_output_length"] == processor.image_processor.max_soft_tokens
 
 
+def test_an_image_token_budget_given_to_the_processor_is_what_images_become(tiny_model: Path) -> None:
+    from PIL import Image
+
+    from finetune.model import load_processor
+
+    def soft_tokens(budget: int | None) -> int:
+        processor = load_processor(str(tiny_model), budget)
+        return int(processor.image_processor(Image.new("RGB", (96, 96)))["num_soft_tokens_per_image"][0])
+
+    counts = {budget: soft_tokens(budget) for budget in (None, 70, 140, 280)}
+    assert counts[None] == counts[70] <= 70 < counts[140] <= 140 < counts[280] <= 280, counts
+
+
 def test_build_is_deterministic(tmp_path: Path, tiny_model: Path) -> None:
     from finetune.tiny_model import TinyModelConfig, make_tiny_model
 

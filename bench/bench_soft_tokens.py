@@ -8,7 +8,9 @@ On CPU with the tiny model this only shows the knob working and what it costs th
 a real checkpoint and real photos (--model google/gemma-4-E4B-it --data gs://.../oxford-pets) it
 is the measurement the budget should be chosen by.
 
-    python bench/bench_soft_tokens.py --model artifacts/tiny-gemma4 --data DIR --budgets 70,140 --max-steps 150
+    python bench/bench_soft_tokens.py --model artifacts/tiny-gemma4 --data DIR --budgets 70,140 --max-steps 300
+
+The rest of the recipe is TrainSettings' defaults and PETBREED_* variables (PETBREED_LR=1e-4 ...).
 """
 
 from __future__ import annotations

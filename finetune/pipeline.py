@@ -34,10 +34,8 @@ def run_training(settings: TrainSettings) -> RunSummary:
     plan = retrain.plan(settings, dataset) if settings.parent else None
     if plan:
         dataset = plan.dataset
-    # The image token budget the adapter is trained, evaluated and then served with, made explicit.
     inherited = plan.parent.image_soft_tokens if plan else None
-    processor = load_processor(model_path, settings.image_soft_tokens or inherited)
-    settings = settings.model_copy(update={"image_soft_tokens": processor.image_processor.max_soft_tokens})
+    settings = settings.model_copy(update={"image_soft_tokens": settings.image_soft_tokens or inherited})
     result = train(settings.model_copy(update={"base_model": model_path}), dataset, plan.parent_dir if plan else None)
     summary = RunSummary(
         accuracy=result.report.accuracy, macro_f1=result.report.macro_f1,
@@ -50,6 +48,9 @@ def run_training(settings: TrainSettings) -> RunSummary:
         summary.new_breeds_accuracy = result.report.subset_accuracy(plan.new_labels)
         summary.parent_accuracy = plan.parent.metrics.get("accuracy")
     if settings.publish:
+        processor = load_processor(model_path, settings.image_soft_tokens)
+        # The budget it was trained with goes into the manifest explicitly, the model's default too.
+        settings = settings.model_copy(update={"image_soft_tokens": processor.image_processor.max_soft_tokens})
         manifest = build_manifest(
             settings, config_path(model_path), dataset.labels, answer_terminator(processor),
             dataset.fingerprint(), result.report, result.base_report,

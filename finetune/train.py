@@ -168,8 +168,11 @@ _RUN_IDENTITY = {"data", "base_model", "parent", "max_steps", "lr", "batch_size"
 
 
 def _claim_run_folder(storage: Storage, settings: TrainSettings) -> None:
-    """Resuming is only right for the same run: refuse a folder that holds a different one."""
-    identity = settings.model_dump_json(include=_RUN_IDENTITY)
+    """Resuming is only right for the same run: refuse a folder that holds a different one. An
+    explicit image token budget is part of the run (left out when unset, so folders written before
+    the setting existed still resume)."""
+    budget = {"image_soft_tokens"} if settings.image_soft_tokens is not None else set()
+    identity = settings.model_dump_json(include=_RUN_IDENTITY | budget)
     if storage.exists("run.json") and storage.read_bytes("run.json").decode() != identity:
         raise DataError(f"output {settings.output} holds a different training run; choose a new --output")
     storage.write_bytes("run.json", identity.encode())

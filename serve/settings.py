@@ -54,8 +54,8 @@ class VllmSettings(BaseModel):
     )
     tower_lora: bool = Field(
         True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "
-        "adapters with such weights are refused, and images take petbreed's faster path (no padding patches, "
-        "CUDA graphs), as on vLLM 0.24"
+        "adapters with such weights are refused, and images take petbreed's image path (no padding patches; "
+        "CUDA graphs with vision_graph_images), as on vLLM 0.24"
     )
     enable_prefix_caching: bool = True
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU build")

@@ -46,6 +46,9 @@ def test_output_folder_of_another_run_is_refused(
 ) -> None:
     _one_line_error(["train", "--data", str(synthetic_data), "--base-model", str(tiny_model), "--max-steps", "7",
                      "--output", str(trained_run["run"])], "holds a different training run")
+    _one_line_error(["train", "--data", str(synthetic_data), "--base-model", str(tiny_model),
+                     "--image-soft-tokens", "140", "--output", str(trained_run["run"])],
+                    "holds a different training run")
 
 
 def test_training_refuses_several_cloud_run_tasks(tmp_path: Path) -> None:

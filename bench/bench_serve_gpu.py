@@ -311,7 +311,10 @@ def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
         "image_path": ("petbreed_image_path", {"": (True, graphs), "_no_graphs": (True, 0),
                                                "_vllm_image_path": (False, 0)}),
     }
-    return ways[name]
+    method, variants = ways[name]
+    if not graphs:  # "_no_graphs" would repeat the engine's own way
+        variants.pop("_no_graphs", None)
+    return method, variants
 
 
 def ab_variants(engine: Any, other: str | None, graphs: int) -> Variants | None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,25 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+@contextmanager
+def opening_base_model(model_path: str) -> Iterator[None]:
+    """transformers reports a missing folder or an unknown hub id as a bare OSError; as a
+    FileNotFoundError naming the base model, the CLI prints it as one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"base model {model_path} could not be opened: {first}") from err
+
+
 def load_processor(model_path: str, soft_tokens: int | None = None) -> Any:
     """The base model's processor; with `soft_tokens`, images become up to that many tokens."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_path)
+    with opening_base_model(model_path):
+        processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
     if soft_tokens is not None:
         processor.image_processor.max_soft_tokens = soft_tokens
@@ -63,7 +79,8 @@ def load_base(model_path: str, device: torch.device) -> Any:
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model: Any = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    with opening_base_model(model_path):
+        model: Any = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
     return model.to(device)
 
 

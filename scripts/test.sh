@@ -9,5 +9,5 @@ if ! command -v chromedriver >/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 .venv/bin/ruff check .
-.venv/bin/mypy adapter_contract finetune serve ui petbreed_cli.py
+.venv/bin/mypy adapter_contract finetune serve ui petbreed_cli.py tests bench
 .venv/bin/pytest -q "$@"

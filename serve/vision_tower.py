@@ -2,11 +2,17 @@
 
 Gemma 4's processor pads every image's patches up to the budget's maximum (a 448 px square at
 280 soft tokens: 2,304 real patches padded to 2,520), and vLLM runs the tower on the padded batch.
-Padding needs an attention mask, and with a mask PyTorch cannot use its flash kernel; compiled,
-transformers always builds the mask, even when nothing is padded. Here the padding patches are cut
+Padding needs an attention mask, and with a mask PyTorch cannot use its flash kernel. Here the padding patches are cut
 off instead (they are at the end of each image, and the tower ignores them), images are grouped by
 their real patch count, and each group goes through the tower in one call with no mask: the same
-soft tokens as vLLM's way. On an H200 the encoder alone ran 1.21x faster without the padding.
+soft tokens as vLLM's way. On an H200 the eager tower alone ran 1.26x faster without the padding
+(8 and 32 images), and an engine 1.38x faster saturated (docs/performance.md, 2026-12-02).
+
+The encoder's layers are called here rather than the encoder itself: transformers builds a full
+mask, even for no padding, whenever it cannot look at the tensors (under torch.compile or during
+CUDA graph capture), and that mask keeps SDPA off its flash kernel. Captured that way the tower ran
+4x slower than eagerly and held its masks in graph memory outside vLLM's budget (an engine ran out
+of GPU memory at 64 requests at once).
 
 At low concurrency the tower's time is mostly the CPU launching its kernels (a torch profile at
 one request at a time: ~16 ms of a ~33 ms engine step for ~10 ms of GPU work). So small groups
@@ -45,17 +51,33 @@ def encode_group(model: Any, pixels: torch.Tensor, positions: torch.Tensor, eage
     patches, none of them padding. What vLLM's `_process_image_input` computes per image. `eager`
     bypasses the parts' torch.compile, if any."""
     tower = model.vision_tower
-    embedder, encoder, pooler = (part.forward if eager else part for part in
-                                 (tower.patch_embedder, tower.encoder, tower.pooler))
     k2 = model.config.vision_config.pooling_kernel_size ** 2
     no_padding = torch.zeros(positions.shape[:2], dtype=torch.bool, device=positions.device)
-    embeds = embedder(pixels, positions, no_padding).to(model.model_dtype)
-    hidden = encoder(inputs_embeds=embeds, attention_mask=None, pixel_position_ids=positions)
-    pooled, _ = pooler(hidden_states=hidden.last_hidden_state, pixel_position_ids=positions,
-                       padding_positions=no_padding, output_length=pixels.shape[1] // k2)
+    hidden = _call(tower.patch_embedder, eager, pixels, positions, no_padding).to(model.model_dtype)
+    encoder = tower.encoder
+    rotary = encoder.rotary_emb(hidden, positions)
+    for layer in encoder.layers[: encoder.config.num_hidden_layers]:  # what the encoder runs, minus its mask
+        hidden = _call(layer, eager, hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions)
+    pooled, _ = _call(tower.pooler, eager, hidden_states=hidden, pixel_position_ids=positions,
+                      padding_positions=no_padding, output_length=pixels.shape[1] // k2)
     if getattr(tower.config, "standardize", False):
         pooled = (pooled - tower.std_bias) * tower.std_scale
     return model.embed_vision(inputs_embeds=pooled.to(model.model_dtype))
+
+
+def _call(module: torch.nn.Module, eager: bool, *args: Any, **kwargs: Any) -> Any:
+    """`module(...)`, or with `eager` its uncompiled forward (see compile_tower)."""
+    return module.forward(*args, **kwargs) if eager else module(*args, **kwargs)
+
+
+def compile_tower(tower: Any) -> None:
+    """torch.compile the tower's parts as encode_group and vLLM's own path both call them: the patch
+    embedder and each encoder layer (one graph for all of them); dynamic shapes, so one graph serves
+    every batch of images. transformers' mask building stays uncompiled, and so does the pooler (a
+    few kernels): compiled on an H200 it marked every pooled token of a padded image as valid
+    (280 soft tokens for a 256-token image, bench_vision_tower.py on 2026-12-02)."""
+    for module in (tower.patch_embedder, *tower.encoder.layers):
+        module.compile(dynamic=True)
 
 
 def encode_images(model: Any, pixels: torch.Tensor | Sequence[torch.Tensor],

@@ -35,6 +35,12 @@ def test_bad_setting_value(tmp_path: Path) -> None:
     _one_line_error(["train", "--data", str(tmp_path), "--max-steps", "zero"], "max_steps")
 
 
+def test_base_model_that_does_not_exist(synthetic_data: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    _one_line_error(["train", "--data", str(synthetic_data), "--base-model", str(missing),
+                     "--output", str(tmp_path / "run")], f"base model {missing} could not be opened")
+
+
 @pytest.mark.usefixtures("gcs_emulator")
 def test_bucket_that_does_not_exist(synthetic_data: Path) -> None:
     _one_line_error(["train", "--data", str(synthetic_data), "--output", "gs://no-such-bucket-petbreed/run"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 from adapter_contract.registry import Registry
 from tests.conftest import petbreed, summary
@@ -34,5 +35,5 @@ def test_new_breeds_are_learned_and_old_ones_kept(
     assert manifest.previous_labels == parent.labels.ids
     assert manifest.labels.ids[:6] == parent.labels.ids, "old breeds keep their indices"
     assert set(manifest.labels.ids[6:]) == {"Bombay", "beagle"}
-    assert manifest.training["data_sources"] == [*parent.training["data_sources"], str(new_data)]
+    assert manifest.training["data_sources"] == [*cast(list[str], parent.training["data_sources"]), str(new_data)]
     assert {"old_breeds_accuracy", "new_breeds_accuracy"} <= set(manifest.metrics)

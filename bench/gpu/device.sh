@@ -37,7 +37,7 @@ for s in "$@"; do
   case $s in
     setup) step setup 30 "for f in site:site tf514:tf; do mkdir -p /root/\${f#*:}; \
              [ -f /root/\${f#*:}/.done ] || { tar -C /root/\${f#*:} -xJf .carry/pkg/\${f%%:*}.tar.xz && touch /root/\${f#*:}/.done; }; done; \
-             for w in .carry/wheels/*.whl; do python3 -m zipfile -e \$w /root/extra; done; \
+             for w in .carry/wheels/*.whl; do [ -f \$w ] && python3 -m zipfile -e \$w /root/extra; done; \
              chmod +x /root/extra/*.data/scripts/* 2>/dev/null; \
              mkdir -p /root/inductor; [ -f .carry/inductor.tar.xz ] && tar -C /root/inductor -xJf .carry/inductor.tar.xz; \
              nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
@@ -63,7 +63,7 @@ for s in "$@"; do
              --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
              --steps ${STEPS:-6} --warmup ${WARMUP:-2} --workers 8 --extra-batches=${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
-    cache-out) step cache-out 60 "tar -C /root/inductor -cf - . | xz -T0 -9e > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
+    cache-out) step cache-out 60 "tar -C /root/inductor -cf - . | xz -T0 -3 > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

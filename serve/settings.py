@@ -50,8 +50,9 @@ class VllmSettings(BaseModel):
     vision_graph_images: int = Field(
         0, ge=0, description="with CUDA and no tower LoRA: engine steps with up to this many images of one size run "
         "the vision tower from CUDA graphs (captured the first time a shape is seen) instead of launching its "
-        "kernels from Python; 0: off. On an H200 one image replayed in 9.8 ms against 14.5 compiled, but above one "
-        "image the compiled tower is faster; 1 is the value to try, not yet measured in an engine (docs/performance.md)"
+        "kernels from Python; 0: off. On an H200 one image replayed in 9.8 ms against 11.5-15.8 compiled, but "
+        "above one image the compiled tower is faster; 1 is the value to try, not yet measured in an engine "
+        "(docs/performance.md)"
     )
     tower_lora: bool = Field(
         True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "

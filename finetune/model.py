@@ -59,8 +59,8 @@ def opening_base_model(model_path: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"base model {model_path} could not be opened: {first}") from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FileNotFoundError(f"base model {model_path} could not be opened: {first_line}") from err
 
 
 def load_processor(model_path: str, soft_tokens: int | None = None) -> Any:

@@ -2,11 +2,12 @@
 
 Gemma 4's processor pads every image's patches up to the budget's maximum (a 448 px square at
 280 soft tokens: 2,304 real patches padded to 2,520), and vLLM runs the tower on the padded batch.
-Padding needs an attention mask, and with a mask PyTorch cannot use its flash kernel. Here the padding patches are cut
-off instead (they are at the end of each image, and the tower ignores them), images are grouped by
-their real patch count, and each group goes through the tower in one call with no mask: the same
-soft tokens as vLLM's way. On an H200 the eager tower alone ran 1.26x faster without the padding
-(8 and 32 images), and an engine 1.38x faster saturated (docs/performance.md, 2026-12-02).
+Padding needs an attention mask, and with a mask PyTorch cannot use its flash kernel. Here the
+padding patches are cut off instead (they are at the end of each image, and the tower ignores
+them), images are grouped by their real patch count, and each group goes through the tower in one
+call with no mask: the same soft tokens as vLLM's way. On an H200 the eager tower alone ran
+1.27-1.30x faster without the padding (8 and 32 images), and an engine 1.38x faster saturated
+(docs/performance.md, 2026-12-02).
 
 The encoder's layers are called here rather than the encoder itself: transformers builds a full
 mask, even for no padding, whenever it cannot look at the tensors (under torch.compile or during

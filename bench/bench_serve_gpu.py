@@ -119,9 +119,13 @@ async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable
                 scale: float, seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
     """Every level in turn. With variants, each level runs once per variant, one after the other
     after switching to it, so that drift during a run favours none of them; the first variant (the
-    default) is switched on again at the end."""
+    default) is switched on again at the end. Each variant is warmed up first: a way's first
+    requests compile the vision tower for its shapes (seconds each, which would land in one row)."""
     variants = variants or {"": _nothing}
-    await measure(call, make, min(8, max(levels)), 8, seed0)  # warm-up
+    for switch in reversed(variants.values()):  # ends on the default
+        await switch()
+        for concurrency, requests in ((1, 2), (min(8, max(levels)), 8)):  # single- and multi-image steps
+            await measure(call, make, concurrency, requests, seed0)
     rows, seed = [], seed0 + 8
     for level in levels:
         n = requests_for(level, scale)
@@ -305,16 +309,15 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
 def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
     """A worker method and, per way, the suffix its rows carry and the method's arguments. The first
-    way ("") is the engine's as started (`graphs`: its vision_graph_images)."""
+    way ("") is the engine's as started (`graphs`: its vision_graph_images); the second is the
+    tower's graphs off, or on for single images if the engine started without them."""
+    other_graphs = ("_no_graphs", (True, 0)) if graphs else ("_graphs_1", (True, 1))
     ways: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
         "images_apart": ("petbreed_batch_images_on_cpu", {"": (True,), "_images_apart": (False,)}),
-        "image_path": ("petbreed_image_path", {"": (True, graphs), "_no_graphs": (True, 0),
+        "image_path": ("petbreed_image_path", {"": (True, graphs), other_graphs[0]: other_graphs[1],
                                                "_vllm_image_path": (False, 0)}),
     }
-    method, variants = ways[name]
-    if not graphs:  # "_no_graphs" would repeat the engine's own way
-        variants.pop("_no_graphs", None)
-    return method, variants
+    return ways[name]
 
 
 def ab_variants(engine: Any, other: str | None, graphs: int) -> Variants | None:

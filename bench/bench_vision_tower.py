@@ -1,7 +1,8 @@
 """Gemma 4's vision tower on a batch of images three ways: as vLLM 0.24 runs it (every image padded
 to the budget's patch count, so attention needs a padding mask), petbreed's image path
 (serve/vision_tower.py: the padding patches cut off, no mask), and the same replayed from a CUDA
-graph (TowerGraphs, as the engine does for steps of up to `vision_graph_images` images).
+graph (TowerGraphs, as the engine does for steps of up to `vision_graph_images` images: with
+`--compile`, graphs of the compiled parts).
 
 At 280 soft tokens a 448 px square image is 2,304 patches padded to 2,520. Random weights with the
 vision shapes of the given config; transformers' modules (patch embedder, encoder, pooler), bf16 on
@@ -119,8 +120,7 @@ def main() -> None:
     model = tower_model(args.config, device, dtype, args.compile)
     patch_pixels = 3 * model.config.vision_config.patch_size ** 2
     valid = args.side ** 2
-    graphs = TowerGraphs(functools.partial(encode_group, model, eager=True), functools.partial(encode_group, model),
-                         max_images=max(int(n) for n in args.images.split(",")))
+    graphs = TowerGraphs(functools.partial(encode_group, model), max_images=max(int(n) for n in args.images.split(",")))
     for images in (int(n) for n in args.images.split(",")):
         positions = grid_positions(images, args.side, args.patches, device)
         pixels = torch.rand(images, args.patches, patch_pixels, device=device, dtype=dtype)

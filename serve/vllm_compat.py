@@ -154,8 +154,7 @@ def _tower_encoder(model: Any, pixels: Any) -> Any:
         return functools.partial(encode_group, model)
     graphs = getattr(model, "_petbreed_tower_graphs", None)
     if graphs is None or graphs.max_images != _graph_images:
-        graphs = TowerGraphs(functools.partial(encode_group, model, eager=True),
-                             functools.partial(encode_group, model), _graph_images)
+        graphs = TowerGraphs(functools.partial(encode_group, model), _graph_images)
         model._petbreed_tower_graphs = graphs
     return graphs
 

@@ -122,11 +122,12 @@ async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable
     default) is switched on again at the end. Each variant is warmed up first: a way's first
     requests compile the vision tower for its shapes (seconds each, which would land in one row)."""
     variants = variants or {"": _nothing}
+    rows, seed = [], seed0
     for switch in reversed(variants.values()):  # ends on the default
         await switch()
         for concurrency, requests in ((1, 2), (min(8, max(levels)), 8)):  # single- and multi-image steps
-            await measure(call, make, concurrency, requests, seed0)
-    rows, seed = [], seed0 + 8
+            await measure(call, make, concurrency, requests, seed)
+            seed += requests  # new images: a cached image's soft tokens would skip the tower
     for level in levels:
         n = requests_for(level, scale)
         for suffix, switch in variants.items():

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-AB = ("image_path", "images_apart")  # --ab: other ways of the engine, switched on the running engine (ab_ways)
+AB = ("image_path", "images_apart", "pixels")  # --ab: other ways of the engine, switched while it runs (ab_variants)
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -200,18 +200,20 @@ async def engine_mode(args: argparse.Namespace, registry: str, cache: Path, imag
 def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
     """petbreed's engine, built as `VllmClassifier.start` builds it, plus vLLM's torch profiler
     (off until `start_profile`), whose traces and kernel table go to --torch-profile."""
+    from transformers import AutoProcessor
     from vllm import AsyncLLMEngine
     from vllm.config import ProfilerConfig
 
-    from serve.engine import VllmClassifier, engine_args, set_vllm_environment
+    from serve.engine import VllmClassifier, engine_args, raw_pixel_scale, set_vllm_environment
 
-    set_vllm_environment(settings)
+    scale = raw_pixel_scale(settings, AutoProcessor.from_pretrained(str(args.model)))
+    set_vllm_environment(settings, scale)
     engine = engine_args(settings, str(args.model))
     # No Python stacks and no front-end trace: both would slow the processes being measured.
     engine.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(args.torch_profile.resolve()),
                                             torch_profiler_with_stack=False, ignore_frontend=True,
                                             torch_profiler_dump_cuda_time_total=False)
-    return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens)
+    return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens, scale)
 
 
 async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
@@ -275,7 +277,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
                 await classifier.classify([image], entry, top_k)
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-            variants = ab_variants(engine.engine, args.ab, args.graph_images)
+            variants = ab_variants(classifier, args.ab, args.graph_images)
             rows += await sweep(name, petbreed, images, levels, args.scale, seed0, variants)
             seed0 += 1_000_000
 
@@ -321,16 +323,26 @@ def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
     return ways[name]
 
 
-def ab_variants(engine: Any, other: str | None, graphs: int) -> Variants | None:
-    """The ways of `other` (a key of AB), each switched on in the engine's workers."""
+def ab_variants(classifier: Any, other: str | None, graphs: int) -> Variants | None:
+    """The ways of `other` (a key of AB): for "pixels", 8-bit pixels (the default) or the image
+    processor's floats, chosen per request; for the others, switched in the engine's workers."""
     if other is None:
         return None
+    if other == "pixels":
+        return {"": _set_pixel_scale(classifier, classifier.pixel_scale),
+                "_float_pixels": _set_pixel_scale(classifier, None)}
     method, ways = ab_ways(other, graphs)
 
     def switch(args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
-        return lambda: engine.collective_rpc(method, args=args)
+        return lambda: classifier.engine.collective_rpc(method, args=args)
 
     return {suffix: switch(args) for suffix, args in ways.items()}
+
+
+def _set_pixel_scale(classifier: Any, scale: float | None) -> Callable[[], Awaitable[None]]:
+    async def switch() -> None:
+        classifier.pixel_scale = scale
+    return switch
 
 
 async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[dict[str, Any]]:
@@ -356,7 +368,8 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
     processor = state.tables().processor
     root = entry.prompt.trie.branches[0]
     root_ids = [*entry.prompt_token_ids, *root.prefix]
-    soft = {} if budget is None else {"max_soft_tokens": budget}
+    # The image processor's arguments as the classifier sends them (budget, 8-bit pixels).
+    processing = classifier.image_input(images(0), entry).get("mm_processor_kwargs", {})
     params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(root.children[:MAX_IDS_PER_REQUEST]))
 
     async def generate(prompt: dict[str, Any]) -> None:
@@ -366,15 +379,14 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
 
     def image_prompt(image: Image.Image, image_id: str) -> dict[str, Any]:
         """The root request as `VllmClassifier._one` makes it."""
-        prompt = {"prompt_token_ids": root_ids, "multi_modal_data": {"image": image},
-                  "multi_modal_uuids": {"image": [image_id]}}
-        return prompt | ({"mm_processor_kwargs": soft} if soft else {})
+        return {**classifier.image_input(image, entry), "prompt_token_ids": root_ids,
+                "multi_modal_uuids": {"image": [image_id]}}
 
     # The text-only prompt puts ordinary tokens where vLLM would expand the image placeholder
     # (<boi>, one token per soft token, <eoi>), led by a number unique to the call: an identical
     # prompt would be a prefix-cache hit, not a prefill.
     tokenizer = processor.tokenizer
-    first = processor.image_processor(images=[images(399_999)], return_tensors="pt", **soft)
+    first = processor.image_processor(images=[images(399_999)], return_tensors="pt", **processing)
     expanded = int(first["num_soft_tokens_per_image"][0]) + 2
     placeholders = {processor.image_token_id, *tokenizer.convert_tokens_to_ids([processor.boi_token,
                                                                                 processor.eoi_token])}
@@ -388,7 +400,7 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
 
     async def hf_image_processor(image: Image.Image) -> None:
         # Called directly, blocking the event loop: at concurrency 1 nothing else waits on it.
-        processor.image_processor(images=[image], return_tensors="pt", **soft)
+        processor.image_processor(images=[image], return_tensors="pt", **processing)
 
     same = image_prompt(images(399_998), uuid.uuid4().hex)
     parts: list[tuple[str, Callable[[Any], Awaitable[Any]], Callable[[int], Any]]] = [
@@ -557,7 +569,8 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
-                    "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own)")
+                    "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
+                    "pixels (the processor's floats instead of 8-bit pixels)")
     ap.add_argument("--graph-images", type=int, default=VllmSettings().vision_graph_images,
                     help="vision_graph_images: CUDA graphs of the tower for steps of up to N images (0: off)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")

@@ -37,7 +37,13 @@ from PIL import Image
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.settings import ServeSettings
-from serve.vllm_compat import COMPILE_VISION_ENV, GRAPH_IMAGES_ENV, IMAGES_APART_ENV, tower_lora_supported
+from serve.vllm_compat import (
+    COMPILE_VISION_ENV,
+    GRAPH_IMAGES_ENV,
+    IMAGES_APART_ENV,
+    PIXEL_SCALE_ENV,
+    tower_lora_supported,
+)
 
 log = logging.getLogger("petbreed.serve.engine")
 
@@ -57,8 +63,9 @@ class Classifier(Protocol):
     def shutdown(self) -> None: ...
 
 
-def set_vllm_environment(settings: ServeSettings) -> None:
-    """Process-wide variables vLLM reads at import/start. Explicit values in the environment win."""
+def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = None) -> None:
+    """Process-wide variables vLLM reads at import/start. Explicit values in the environment win.
+    `pixel_scale`: what the workers multiply 8-bit pixels by (`raw_pixel_scale`)."""
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm.cpu_kvcache_space_gib))
@@ -75,6 +82,17 @@ def set_vllm_environment(settings: ServeSettings) -> None:
     os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))
     os.environ[IMAGES_APART_ENV] = str(int(not settings.vllm.stack_images_on_cpu))
     os.environ[GRAPH_IMAGES_ENV] = str(settings.vllm.vision_graph_images)
+    os.environ[PIXEL_SCALE_ENV] = repr(pixel_scale or 0.0)
+
+
+def raw_pixel_scale(settings: ServeSettings, processor: Any) -> float | None:
+    """The factor that turns 8-bit pixels into what the image processor would have sent, where
+    images travel unscaled (`uint8_pixels`); None where the processor's own output travels: the
+    setting is off, or the processor normalises, which the workers do not redo."""
+    image = processor.image_processor
+    if not settings.vllm.uint8_pixels or not image.do_rescale or image.do_normalize:
+        return None
+    return float(image.rescale_factor)
 
 
 def tower_lora(settings: ServeSettings) -> bool:
@@ -135,15 +153,18 @@ class VllmClassifier:
     # request rather than per engine, so one engine serves adapters trained with different budgets
     # (and a benchmark can compare them).
     soft_tokens: int | None = None
+    # Set: images go to the engine as 8-bit pixels, which its workers multiply by this (see
+    # serve/vllm_compat.py). None: as the image processor makes them, in the model's dtype.
+    pixel_scale: float | None = None
 
     @classmethod
-    def start(cls, settings: ServeSettings, model_path: str) -> VllmClassifier:
+    def start(cls, settings: ServeSettings, model_path: str, pixel_scale: float | None = None) -> VllmClassifier:
         """Build the engine (blocking, tens of seconds); call it off the event loop."""
-        set_vllm_environment(settings)
+        set_vllm_environment(settings, pixel_scale)
         from vllm import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_engine_args(engine_args(settings, model_path))
-        return cls(engine, settings.vllm.max_soft_tokens)
+        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale)
 
     async def load_adapter(self, entry: AdapterEntry) -> None:
         """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
@@ -158,7 +179,7 @@ class VllmClassifier:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
-        image_input = self._image_input(image, entry)
+        image_input = self.image_input(image, entry)
         root = trie.branches[0]
         found = {root.prefix: await self._next_token(image_input, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
@@ -171,15 +192,20 @@ class VllmClassifier:
         found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
         return [0.0 if p is None else p for p in trie.resolve(found)[0]]
 
-    def _image_input(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
+    def image_input(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
         """The image part of a prompt. Every request about this image carries the same fresh id, so
         vLLM neither hashes the pixels nor preprocesses them twice, and its caches match the requests."""
         image_input: dict[str, Any] = {
             "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid.uuid4().hex]}
         }
+        processing: dict[str, Any] = {}
         budget = self.soft_tokens or entry.manifest.image_soft_tokens
         if budget is not None:
-            image_input["mm_processor_kwargs"] = {"max_soft_tokens": budget}
+            processing["max_soft_tokens"] = budget
+        if self.pixel_scale is not None:
+            processing["do_rescale"] = False
+        if processing:
+            image_input["mm_processor_kwargs"] = processing
         return image_input
 
     async def _next_token(self, image_input: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from adapter_contract.manifest import config_sha256
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier, tower_lora
+from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
@@ -81,7 +81,8 @@ class ServerState:
             tower_lora=tower_lora(s),
         )
         if self.classifier is None:
-            self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path)
+            scale = raw_pixel_scale(s, base.processor)
+            self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path, scale)
         await self.reload()
         await self._warm_up()
         log.info("engine started", extra={"seconds": round(time.perf_counter() - started, 1), "base": base.path})

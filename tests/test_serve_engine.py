@@ -72,6 +72,16 @@ def test_every_request_about_one_image_names_it_with_the_same_id_and_other_image
     assert len(set.union(*ids.values())) == 2
 
 
+def test_with_a_pixel_scale_images_are_sent_unscaled() -> None:
+    engine = RecordingEngine()
+
+    asyncio.run(VllmClassifier(engine, pixel_scale=1 / 255).classify([Image.new("RGB", (8, 8))],
+                                                                       entry_for(LabelTrie([(1,), (4,)]))))
+
+    [request] = engine.requests
+    assert request["prompt"]["mm_processor_kwargs"] == {"do_rescale": False}
+
+
 @pytest.mark.parametrize(("adapters", "override", "sent"), [(None, None, None), (140, None, 140), (140, 70, 70)])
 def test_images_are_sent_with_the_adapters_own_budget_unless_the_server_sets_one(
     adapters: int | None, override: int | None, sent: int | None

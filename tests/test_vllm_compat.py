@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.engine import set_vllm_environment
+from serve import vllm_compat
+from serve.engine import raw_pixel_scale, set_vllm_environment
 from serve.settings import ServeSettings, VllmSettings
-from serve.vllm_compat import COMPILE_VISION_ENV, IMAGES_APART_ENV, PetbreedWorkerExtension
+from serve.vllm_compat import (
+    COMPILE_VISION_ENV,
+    IMAGES_APART_ENV,
+    PIXEL_SCALE_ENV,
+    PetbreedWorkerExtension,
+    model_pixels,
+)
 
 
 @pytest.fixture
@@ -40,8 +47,8 @@ def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacke
 @pytest.fixture
 def engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables `set_vllm_environment` writes, unset here and restored after the test."""
-    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, "TORCHINDUCTOR_CACHE_DIR", "VLLM_NO_USAGE_STATS",
-                 "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD"):
+    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
+                 "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -68,3 +75,56 @@ def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
     set_vllm_environment(settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"
+
+
+@pytest.fixture
+def processor(tiny_model: Path) -> object:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(tiny_model))
+
+
+def test_8_bit_pixels_become_exactly_what_the_image_processor_sends(
+    processor: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers' rescaling of unscaled images gives the tower the same bits as vLLM's cast of the
+    processor's float output, images of several shapes kept apart or stacked."""
+    import numpy as np
+    from PIL import Image
+
+    scale = raw_pixel_scale(ServeSettings(), processor)
+    assert scale is not None
+    monkeypatch.setattr(vllm_compat, "_pixel_scale", scale)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((37, 53), (64, 64))]
+    image_processor = processor.image_processor  # type: ignore[attr-defined]
+    sent = [image_processor(images=[im], return_tensors="pt")["pixel_values"][0].to(torch.bfloat16) for im in images]
+    raw = [image_processor(images=[im], return_tensors="pt", do_rescale=False)["pixel_values"][0] for im in images]
+
+    assert all(r.dtype == torch.uint8 for r in raw)
+    for got, want in zip(model_pixels(raw, torch.bfloat16), sent, strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(model_pixels(raw[1][None], torch.bfloat16), sent[1][None])
+    assert model_pixels(sent[0], torch.bfloat16) is sent[0]  # the processor's floats pass as they are
+
+
+def test_8_bit_pixels_without_a_scale_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vllm_compat, "_pixel_scale", 0.0)
+    with pytest.raises(ValueError, match=PIXEL_SCALE_ENV):
+        model_pixels(torch.zeros(1, 4, 3, dtype=torch.uint8), torch.bfloat16)
+
+
+def test_images_travel_unscaled_only_where_the_workers_can_redo_the_processor(processor: object) -> None:
+    image_processor = processor.image_processor  # type: ignore[attr-defined]
+    assert raw_pixel_scale(ServeSettings(), processor) == image_processor.rescale_factor
+    assert raw_pixel_scale(ServeSettings(vllm=VllmSettings(uint8_pixels=False)), processor) is None
+    image_processor.do_normalize = True  # a processor that also normalises: its floats travel
+    assert raw_pixel_scale(ServeSettings(), processor) is None
+
+
+@pytest.mark.usefixtures("engine_environment")
+def test_the_pixel_scale_reaches_the_engine_process_environment() -> None:
+    set_vllm_environment(ServeSettings(), 1 / 255)
+    assert float(os.environ[PIXEL_SCALE_ENV]) == 1 / 255
+    set_vllm_environment(ServeSettings(), None)
+    assert float(os.environ[PIXEL_SCALE_ENV]) == 0.0

@@ -14,8 +14,9 @@ python3 bench/bench_serve_gpu.py engine --model "$MODEL" --no-reference "$@" --j
   > "$OUT/serve_spy.stdout" &
 BENCH=$!
 # The first level's result line means the engine is up and the second level has begun. It first
-# makes its images, before its clock starts: SPY_DELAY seconds keep that out of the profile (on the
-# H200's host, about 8 ms an image at 448 px: 6 s for the 768 of c=256 at --scale 1).
+# makes its images, before its clock starts: SPY_DELAY seconds keep that out of the profile (the
+# 768 images of c=256 at --scale 1 took about 5.5 s of the 2026-12-02 profile; 11 ms an image on the 2-core
+# development machine).
 until grep -q '"concurrency"' "$OUT/serve_spy.stdout" 2>/dev/null || ! kill -0 "$BENCH" 2>/dev/null; do sleep 1; done
 sleep "${SPY_DELAY:-0}"
 "$SPY" record --pid "$BENCH" --subprocesses --threads --nonblocking --rate 100 --duration "$DURATION" \

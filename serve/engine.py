@@ -43,6 +43,7 @@ from serve.vllm_compat import (
     IMAGES_APART_ENV,
     PIXEL_SCALE_ENV,
     tower_lora_supported,
+    uint8_pixels_supported,
 )
 
 log = logging.getLogger("petbreed.serve.engine")
@@ -88,9 +89,10 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
 def raw_pixel_scale(settings: ServeSettings, processor: Any) -> float | None:
     """The factor that turns 8-bit pixels into what the image processor would have sent, where
     images travel unscaled (`uint8_pixels`); None where the processor's own output travels: the
-    setting is off, or the processor normalises, which the workers do not redo."""
+    setting is off, this vLLM's Gemma 4 has nothing for the workers to rescale in, or the processor
+    normalises, which they do not redo."""
     image = processor.image_processor
-    if not settings.vllm.uint8_pixels or not image.do_rescale or image.do_normalize:
+    if not settings.vllm.uint8_pixels or not uint8_pixels_supported() or not image.do_rescale or image.do_normalize:
         return None
     return float(image.rescale_factor)
 

@@ -219,6 +219,14 @@ _patch_gemma4_image_path()
 _patch_images_apart()
 
 
+def uint8_pixels_supported() -> bool:
+    """Whether this vLLM's Gemma 4 rescales 8-bit pixels: where its `_process_image_input` exists,
+    importing this module wrapped it (in every process, the workers' too). In a vLLM without it
+    they would reach the tower unscaled."""
+    method = getattr(_gemma4_class(), "_process_image_input", None)
+    return bool(getattr(method, "_petbreed_patched", False))
+
+
 def tower_lora_supported() -> bool:
     """Whether this vLLM applies LoRA weights on Gemma 4's vision tower and projector.
 

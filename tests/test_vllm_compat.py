@@ -114,10 +114,15 @@ def test_8_bit_pixels_without_a_scale_are_refused(monkeypatch: pytest.MonkeyPatc
         model_pixels(torch.zeros(1, 4, 3, dtype=torch.uint8), torch.bfloat16)
 
 
-def test_images_travel_unscaled_only_where_the_workers_can_redo_the_processor(processor: object) -> None:
+def test_images_travel_unscaled_only_where_the_workers_can_redo_the_processor(
+    processor: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image_processor = processor.image_processor  # type: ignore[attr-defined]
     assert raw_pixel_scale(ServeSettings(), processor) == image_processor.rescale_factor
     assert raw_pixel_scale(ServeSettings(vllm=VllmSettings(uint8_pixels=False)), processor) is None
+    monkeypatch.setattr(vllm_compat, "_gemma4_class", lambda: None)  # a vLLM without Gemma 4's image code
+    assert raw_pixel_scale(ServeSettings(), processor) is None
+    monkeypatch.undo()
     image_processor.do_normalize = True  # a processor that also normalises: its floats travel
     assert raw_pixel_scale(ServeSettings(), processor) is None
 

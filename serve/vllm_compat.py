@@ -152,14 +152,13 @@ def _patch_gemma4_image_path() -> None:
         return
 
     def _process_image_input(self: Any, image_input: Any) -> list[torch.Tensor]:
-        image_input = {"pixel_values": model_pixels(image_input["pixel_values"], self.model_dtype),
-                       "pixel_position_ids": image_input["pixel_position_ids"]}
+        pixels = model_pixels(image_input["pixel_values"], self.model_dtype)
+        positions = image_input["pixel_position_ids"]
         if _unpadded_images and not getattr(self, "_enable_mm_lora", False):
-            pixels, positions = image_input["pixel_values"], image_input["pixel_position_ids"]
             tokens = encode_images(self, pixels, positions, _tower_encoder(self, pixels))
             if tokens is not None:
                 return tokens
-        return list(original(self, image_input))
+        return list(original(self, {"pixel_values": pixels, "pixel_position_ids": positions}))
 
     _process_image_input._petbreed_patched = True  # type: ignore[attr-defined]
     model_cls._process_image_input = _process_image_input

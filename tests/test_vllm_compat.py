@@ -120,9 +120,9 @@ def test_images_travel_unscaled_only_where_the_workers_can_redo_the_processor(
     image_processor = processor.image_processor  # type: ignore[attr-defined]
     assert raw_pixel_scale(ServeSettings(), processor) == image_processor.rescale_factor
     assert raw_pixel_scale(ServeSettings(vllm=VllmSettings(uint8_pixels=False)), processor) is None
-    monkeypatch.setattr(vllm_compat, "_gemma4_class", lambda: None)  # a vLLM without Gemma 4's image code
-    assert raw_pixel_scale(ServeSettings(), processor) is None
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(vllm_compat, "_gemma4_class", lambda: None)  # a vLLM without Gemma 4's image code
+        assert raw_pixel_scale(ServeSettings(), processor) is None
     image_processor.do_normalize = True  # a processor that also normalises: its floats travel
     assert raw_pixel_scale(ServeSettings(), processor) is None
 

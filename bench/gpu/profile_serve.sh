@@ -15,8 +15,8 @@ python3 bench/bench_serve_gpu.py engine --model "$MODEL" --no-reference "$@" --j
 BENCH=$!
 # The first level's result line means the engine is up and the second level has begun. It first
 # makes its images, before its clock starts: SPY_DELAY seconds keep that out of the profile (the
-# 768 images of c=256 at --scale 1 took about 5.5 s of the 2026-12-02 profile; 11 ms an image on the 2-core
-# development machine).
+# 768 images of c=256 at --scale 1 took about 5.5 s of the 2026-12-02 profile; 11 ms an image on
+# the 2-core development machine).
 until grep -q '"concurrency"' "$OUT/serve_spy.stdout" 2>/dev/null || ! kill -0 "$BENCH" 2>/dev/null; do sleep 1; done
 sleep "${SPY_DELAY:-0}"
 "$SPY" record --pid "$BENCH" --subprocesses --threads --nonblocking --rate 100 --duration "$DURATION" \

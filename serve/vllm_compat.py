@@ -40,14 +40,14 @@ the image processor not to rescale (`do_rescale=False`), so its output stays the
 bytes, patchified and padded, and PIXEL_SCALE_ENV carries the factor the processor would have
 applied, which the workers apply in float32 before casting to the model's dtype: bit for bit what
 the processor sends otherwise. The processor then skips its float32 arithmetic over every padded
-patch, and vLLM its cast to bf16, on the front-end's one thread (the processor call for a 448 px
-image at 280 soft tokens: 3.2 instead of 18.1 ms on a 2-core CPU), and an image is 1.9 instead of
-3.9 MB between processes and in the engine core's copy of a step's images (a py-spy profile at 256
-requests at once on an H200: the front-end thread always busy, 42 % of it in the processor; half
-the engine core's time in that copy). On one H200 engine: 1.61x the saturated throughput and c=1
-p50 47.7 instead of 71.8 ms (docs/performance.md). vLLM's encoder CUDA graphs (>= 0.32,
-`cudagraph_mm_encoder`, off) would read the pixels before this runs, so petbreed does not turn them
-on.
+patch, and vLLM its cast to bf16, on the front-end's one thread (decode + processor for a 448 px
+JPEG at 280 soft tokens: 2.9 instead of 5.4 ms on one CPU thread, bench/bench_images.py), and an
+image is 1.9 instead of 3.9 MB between processes and in the engine core's copy of a step's images (a
+py-spy profile at 256 requests at once on an H200: the front-end thread always busy, 42 % of it in
+the processor; half the engine core's time in that copy). On one H200 engine: 1.61x the saturated
+throughput and c=1 p50 47.7 instead of 71.8 ms (docs/performance.md). vLLM's encoder CUDA graphs
+(>= 0.32, `cudagraph_mm_encoder`, off) would read the pixels before this runs, so petbreed does not turn
+them on.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.

@@ -108,15 +108,16 @@ async def measure(call: Callable[[Any], Awaitable[Any]], make: Callable[[int], A
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1)}
 
 
-def requests_for(concurrency: int, scale: float) -> int:
-    return max(8, int(concurrency * 3 * scale))
+def requests_for(args: argparse.Namespace) -> Callable[[int], int]:
+    """Requests per concurrency level."""
+    return lambda concurrency: max(args.min_requests, int(concurrency * 3 * args.scale))
 
 
 Variants = dict[str, Callable[[], Awaitable[Any]]]  # way-name suffix -> what switches the engine to it
 
 
 async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], levels: list[int],
-                scale: float, seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
+                count: Callable[[int], int], seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
     """Every level in turn. With variants, each level runs once per variant, one after the other
     after switching to it, so that drift during a run favours none of them; the first variant (the
     default) is switched on again at the end. Each variant is warmed up first: a way's first
@@ -129,7 +130,7 @@ async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable
             await measure(call, make, concurrency, requests, seed)
             seed += requests  # new images: a cached image's soft tokens would skip the tower
     for level in levels:
-        n = requests_for(level, scale)
+        n = count(level)
         for suffix, switch in variants.items():
             await switch()
             rows.append({"way": name + suffix, **await measure(call, make, level, n, seed)})
@@ -278,7 +279,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
             variants = ab_variants(classifier, args.ab, args.graph_images)
-            rows += await sweep(name, petbreed, images, levels, args.scale, seed0, variants)
+            rows += await sweep(name, petbreed, images, levels, requests_for(args), seed0, variants)
             seed0 += 1_000_000
 
     if args.no_reference:
@@ -300,7 +301,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
         return call
 
-    rows += await sweep("reference_8_tokens", reference(8), images, levels, args.scale, 100_000)
+    rows += await sweep("reference_8_tokens", reference(8), images, levels, requests_for(args), 100_000)
     # The worst case decodes 128 tokens per image: one small wave per level says enough.
     for level in sorted({levels[0], levels[max(0, len(levels) - 2)]}):
         row = await measure(reference(128), images, level, max(4, level), 200_000)
@@ -484,7 +485,7 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
 
             variants = {"": use(1), f"_{len(servers)}_servers": use(len(servers))} if len(servers) > 1 else None
             levels = [int(x) for x in args.levels.split(",")]
-            rows = await sweep("petbreed_http", post, upload, levels, args.scale, 300_000, variants)
+            rows = await sweep("petbreed_http", post, upload, levels, requests_for(args), 300_000, variants)
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
     finally:
         for proc, _ in servers:
@@ -556,7 +557,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--registry", help="existing registry with pets@1; default: publish a bench adapter")
     ap.add_argument("--levels", default="1,8,64,256")
-    ap.add_argument("--scale", type=float, default=1.0, help="requests per level = max(8, 3 x level x scale)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="requests per level = max(MIN_REQUESTS, 3 x level x scale)")
+    ap.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--images", type=Path, help="take images from this folder instead of generating them")
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")

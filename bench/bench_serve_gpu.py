@@ -352,9 +352,9 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
 
     hf_image_processor  the Hugging Face image processor alone, in this process
     text_only           one root request with no image, as long as an image prompt: the LM floor
-    root_same_image     the root request on one image and id every time: vLLM's processor, encoder
-                        and prefix caches all hit, so what is left is the per-request overhead
-    root_fresh_image    the root request on a new image: one full first round
+    root_same_image     the root request on one image processed once: vLLM's encoder and prefix
+                        caches hit, so what is left is the per-request overhead
+    root_fresh_image    the root request on a new image, processed: one full first round
     classify            petbreed's classify on a new image (root, then the deeper nodes)
     classify_top1       the same with top_k=1
     """
@@ -378,10 +378,13 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
                                                   lora_request=lora_request(entry)):
             pass
 
-    def image_prompt(image: Image.Image, image_id: str) -> dict[str, Any]:
-        """The root request as `VllmClassifier._one` makes it."""
-        return {**classifier.image_input(image, entry), "prompt_token_ids": root_ids,
-                "multi_modal_uuids": {"image": [image_id]}}
+    async def root_request(image: Image.Image) -> dict[str, Any]:
+        """The root request as `VllmClassifier._one` makes it: the image processed, then the root's prefix."""
+        rendered = await classifier.render(image, entry)
+        return {**rendered, "prompt_token_ids": [*rendered["prompt_token_ids"], *root.prefix]}
+
+    async def fresh_image(image: Image.Image) -> None:
+        await generate(await root_request(image))
 
     # The text-only prompt puts ordinary tokens where vLLM would expand the image placeholder
     # (<boi>, one token per soft token, <eoi>), led by a number unique to the call: an identical
@@ -403,12 +406,12 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
         # Called directly, blocking the event loop: at concurrency 1 nothing else waits on it.
         processor.image_processor(images=[image], return_tensors="pt", **processing)
 
-    same = image_prompt(images(399_998), uuid.uuid4().hex)
+    same = await root_request(images(399_998))
     parts: list[tuple[str, Callable[[Any], Awaitable[Any]], Callable[[int], Any]]] = [
         ("hf_image_processor", hf_image_processor, images),
         ("text_only", generate, text_prompt),
         ("root_same_image", generate, lambda seed: same),
-        ("root_fresh_image", generate, lambda seed: image_prompt(images(seed), uuid.uuid4().hex)),
+        ("root_fresh_image", fresh_image, images),
         ("classify", lambda image: classifier.classify([image], entry, None), images),
         ("classify_top1", lambda image: classifier.classify([image], entry, 1), images),
     ]

@@ -19,7 +19,8 @@ not above the k-th largest label probability the root already decides is skipped
 their probabilities are exact; labels that cannot be among them may be reported as 0.
 
 Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
-`AsyncEngineArgs`, SamplingParams, LoRARequest and prompt dicts.
+`AsyncEngineArgs`, its renderer's `render_cmpl_async` (the way vLLM's deprecation notices ask
+prompts to be passed), SamplingParams and LoRARequest.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from PIL import Image
 
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
+from serve.processor_compat import patch_mm_token_check
 from serve.settings import ServeSettings
 from serve.vllm_compat import (
     COMPILE_VISION_ENV,
@@ -47,6 +49,9 @@ from serve.vllm_compat import (
 )
 
 log = logging.getLogger("petbreed.serve.engine")
+
+# vLLM runs the image processor in this process, for every image.
+patch_mm_token_check()
 
 MAX_IDS_PER_REQUEST = 128  # vLLM's cap on `logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)
 
@@ -126,6 +131,9 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         enable_tower_connector_lora=tower_lora(settings),
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
+        # The classifier processes each image once for all its requests (`VllmClassifier.render`), so
+        # vLLM's processor cache would only copy it, and with it on vLLM 0.24 allows one renderer thread.
+        mm_processor_cache_gb=0, renderer_num_workers=v.renderer_workers,
         # Runs serve/vllm_compat.py in the worker processes: petbreed's changes to vLLM's Gemma 4.
         worker_extension_cls="serve.vllm_compat.PetbreedWorkerExtension",
     )
@@ -181,22 +189,31 @@ class VllmClassifier:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
-        image_input = self.image_input(image, entry)
+        rendered = await self.render(image, entry)
         root = trie.branches[0]
-        found = {root.prefix: await self._next_token(image_input, entry, root)}
+        found = {root.prefix: await self._next_token(rendered, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
         # reuse the image's KV blocks (and the encoder cache its vision features). And only the
         # subtrees that can still hold one of the top k labels: the root decides the rest.
         probs, pending = trie.resolve(found)
         bound = _kth_largest([p for p in probs if p is not None], top_k)
         deeper = [node for prefix, mass in pending.items() if mass > bound for node in trie.branches_under(prefix)]
-        rest = await asyncio.gather(*(self._next_token(image_input, entry, node) for node in deeper))
+        rest = await asyncio.gather(*(self._next_token(rendered, entry, node) for node in deeper))
         found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
         return [0.0 if p is None else p for p in trie.resolve(found)[0]]
 
+    async def render(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
+        """The adapter's prompt with this image, processed for the engine by vLLM's renderer, which
+        runs the image processor in its own threads (`renderer_workers`): inside `generate` it would
+        run on the event loop that every request shares. Each request about the image extends this
+        one with its answer prefix, so the image is processed once."""
+        prompt = {"prompt_token_ids": list(entry.prompt_token_ids), **self.image_input(image, entry)}
+        (rendered,) = await self.engine.renderer.render_cmpl_async([prompt])
+        return dict(rendered)
+
     def image_input(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
-        """The image part of a prompt. Every request about this image carries the same fresh id, so
-        vLLM neither hashes the pixels nor preprocesses them twice, and its caches match the requests."""
+        """The image part of a prompt. A fresh id names the image to vLLM, which then neither hashes
+        its pixels nor matches it with another image in its encoder and prefix caches."""
         image_input: dict[str, Any] = {
             "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid.uuid4().hex]}
         }
@@ -210,10 +227,9 @@ class VllmClassifier:
             image_input["mm_processor_kwargs"] = processing
         return image_input
 
-    async def _next_token(self, image_input: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:
-        # Token ids (not text) so the answer prefix is exactly the trie's tokens; vLLM still
-        # expands the image placeholder in them and runs the vision tower on the image.
-        prompt = {"prompt_token_ids": [*entry.prompt_token_ids, *node.prefix], **image_input}
+    async def _next_token(self, rendered: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:
+        # The answer prefix as token ids, after the image's soft tokens (so their positions hold).
+        prompt = {**rendered, "prompt_token_ids": [*rendered["prompt_token_ids"], *node.prefix]}
         step = MAX_IDS_PER_REQUEST
         chunks = [node.children[i : i + step] for i in range(0, len(node.children), step)]
         found: dict[int, float] = {}

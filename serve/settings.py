@@ -61,6 +61,10 @@ class VllmSettings(BaseModel):
         "thread) and half the bytes cross between processes (H200: 1.61x the saturated throughput). Where the "
         "processor also normalises, its own output travels instead"
     )
+    renderer_workers: int = Field(
+        4, ge=1, description="threads of vLLM's renderer (renderer_num_workers), which run the image processor off "
+        "the front-end's event loop (vLLM >= 0.32 uses one for images whatever this says)"
+    )
     tower_lora: bool = Field(
         True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "
         "adapters with such weights are refused, and images take petbreed's image path (no padding patches; "

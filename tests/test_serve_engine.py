@@ -18,6 +18,17 @@ from adapter_contract.labels import LabelTrie
 from serve.engine import MAX_IDS_PER_REQUEST, VllmClassifier
 
 
+class RecordingRenderer:
+    """vLLM's renderer: marks each prompt processed, as vLLM's does, and records it."""
+
+    def __init__(self) -> None:
+        self.rendered: list[dict[str, Any]] = []
+
+    async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.rendered += prompts
+        return [{"type": "multimodal", **prompt} for prompt in prompts]
+
+
 class RecordingEngine:
     """Answers each request with log p(token) for the ids it asked about: from `probs` where given,
     else -token / 100."""
@@ -25,6 +36,7 @@ class RecordingEngine:
     def __init__(self, probs: dict[int, float] | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
         self.probs = probs or {}
+        self.renderer = RecordingRenderer()
 
     async def generate(self, prompt: dict[str, Any], params: Any, **_: Any) -> AsyncIterator[Any]:
         self.requests.append({"prompt": prompt, "ids": list(params.logprob_token_ids)})
@@ -52,6 +64,22 @@ def test_a_node_with_more_children_than_one_request_returns_is_asked_in_chunks()
     assert [len(r["ids"]) for r in engine.requests] == [MAX_IDS_PER_REQUEST, MAX_IDS_PER_REQUEST, 44]
     weights = [math.exp(-(1000 + i) / 100) for i in range(n)]
     assert max(abs(p - w / sum(weights)) for p, w in zip(probs, weights, strict=True)) < 1e-12
+
+
+def test_each_image_is_processed_once_and_every_request_about_it_extends_that() -> None:
+    trie = LabelTrie([(1, 2), (1, 3), (4, 5)])  # branch nodes: the root and (1,)
+    engine = RecordingEngine()
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]
+
+    asyncio.run(VllmClassifier(engine).classify(images, entry_for(trie)))
+
+    assert [prompt["prompt_token_ids"] for prompt in engine.renderer.rendered] == [[7, 8], [7, 8]]
+    assert len(engine.requests) == 4  # two nodes for each image
+    for request in engine.requests:
+        prompt = request["prompt"]
+        assert prompt["type"] == "multimodal"  # processed: vLLM does not process it again
+        assert prompt["prompt_token_ids"] in ([7, 8], [7, 8, 1])  # the root's, then node (1,)'s answer prefix
+        assert any(prompt["multi_modal_data"] is r["multi_modal_data"] for r in engine.renderer.rendered)
 
 
 def test_every_request_about_one_image_names_it_with_the_same_id_and_other_images_differently() -> None:

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Where serving time goes at saturation: py-spy samples every process of the in-process engine
-# benchmark (front-end, engine core) for DURATION seconds from the start of its second
-# concurrency level (pass --levels 8,256; WINDOWS below), while nvidia-smi logs GPU utilisation. Called by
-# device.sh's serve-spy step.
-#   bash bench/gpu/profile_serve.sh MODEL OUT [bench_serve_gpu.py engine flags...]
+# Where serving time goes: py-spy samples every process of the GPU benchmark (MODE engine: the
+# in-process front-end and its engine core; http: also the `petbreed serve` it starts, and its
+# engine core) for DURATION seconds from the start of its second concurrency level (pass
+# --levels 8,256; WINDOWS below), while nvidia-smi logs GPU utilisation. Called by device.sh's
+# serve-spy step.
+#   MODE=http bash bench/gpu/profile_serve.sh MODEL OUT [bench_serve_gpu.py flags...]
 set -uo pipefail
 MODEL=$1 OUT=$2; shift 2
 DURATION=${DURATION:-40}
 SPY=$(ls /root/extra/py_spy-*.data/scripts/py-spy 2>/dev/null || command -v py-spy)
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!
-python3 bench/bench_serve_gpu.py engine --model "$MODEL" --no-reference "$@" --json "$OUT/serve_spy.json" \
+python3 bench/bench_serve_gpu.py "${MODE:-engine}" --model "$MODEL" --no-reference "$@" --json "$OUT/serve_spy.json" \
   > "$OUT/serve_spy.stdout" &
 BENCH=$!
 # A result line means a level has ended and the next has begun. That level first makes its images,

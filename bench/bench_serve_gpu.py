@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-AB = ("image_path", "images_apart", "pixels")  # --ab: other ways of the engine, switched while it runs (ab_variants)
+# --ab: other ways of the engine, switched while it runs (ab_variants)
+AB = ("cpu_threads", "image_path", "images_apart", "pixels")
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -318,6 +319,8 @@ def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
     other_graphs = ("_no_graphs", (True, 0)) if graphs else ("_graphs_1", (True, 1))
     ways: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
         "images_apart": ("petbreed_batch_images_on_cpu", {"": (True,), "_images_apart": (False,)}),
+        # The first way assumes the default cpu_threads (1 with CUDA).
+        "cpu_threads": ("petbreed_cpu_threads", {"": (1,), "_all_cores": (os.cpu_count(),)}),
         "image_path": ("petbreed_image_path", {"": (True, graphs), other_graphs[0]: other_graphs[1],
                                                "_vllm_image_path": (False, 0)}),
     }
@@ -576,7 +579,8 @@ def main() -> None:
                     help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
-                    "pixels (the processor's floats instead of 8-bit pixels)")
+                    "pixels (the processor's floats instead of 8-bit pixels), cpu_threads (the engine core's "
+                    "torch threads on every core instead of 1)")
     ap.add_argument("--graph-images", type=int, default=VllmSettings().vision_graph_images,
                     help="vision_graph_images: CUDA graphs of the tower for steps of up to N images (0: off)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")

@@ -65,6 +65,13 @@ class VllmSettings(BaseModel):
         4, ge=1, description="threads of vLLM's renderer (renderer_num_workers), which run the image processor off "
         "the front-end's event loop (vLLM >= 0.32 uses one for images whatever this says)"
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch's CPU threads in the front-end and the engine core (OMP_NUM_THREADS, which "
+        "wins where set). With CUDA these processes run only small CPU work: image processing in several renderer "
+        "threads and the copy of a step's images, each of which would fan out over every core and contend with "
+        "the others; vLLM gives its multiprocess GPU workers 1 for the same reason. None: 1 with CUDA, untouched "
+        "on CPU, where the model itself runs on those threads"
+    )
     tower_lora: bool = Field(
         True, description="LoRA on the vision tower and projector, where vLLM supports it (>= 0.32). false: "
         "adapters with such weights are refused, and images take petbreed's image path (no padding patches; "

@@ -92,6 +92,12 @@ class PetbreedWorkerExtension:
         _unpadded_images, _graph_images = unpadded, graph_images
 
 
+    def petbreed_cpu_threads(self, threads: int) -> None:
+        """torch's CPU threads in the worker: with one GPU, the engine core's main thread, which
+        stacks each step's images (`cpu_threads` sets them at start)."""
+        torch.set_num_threads(threads)
+
+
 def _gemma4_class() -> Any:
     """vLLM's Gemma 4 multimodal model class; None in a vLLM without it (nothing to change)."""
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve import vllm_compat
+from serve import engine, vllm_compat
 from serve.engine import raw_pixel_scale, set_vllm_environment
 from serve.settings import ServeSettings, VllmSettings
 from serve.vllm_compat import (
@@ -48,7 +48,8 @@ def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacke
 def engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables `set_vllm_environment` writes, unset here and restored after the test."""
     for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
-                 "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD"):
+                 "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
+                 "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -75,6 +76,32 @@ def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
     set_vllm_environment(settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[int]:
+    """This process's torch threads, restored after the test."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("engine_environment")
+def test_cpu_threads_are_limited_with_cuda_left_alone_on_cpu_and_the_operators_choice_wins(
+    monkeypatch: pytest.MonkeyPatch, torch_threads: int
+) -> None:
+    set_vllm_environment(ServeSettings())  # no CUDA here: vLLM's CPU build runs the model on these threads
+    assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == torch_threads
+    with monkeypatch.context() as gpu:
+        gpu.setattr(engine, "_has_cuda", lambda: True)
+        set_vllm_environment(ServeSettings())
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1  # the engine core's, and ours
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    set_vllm_environment(ServeSettings(vllm=VllmSettings(cpu_threads=2)))
+    assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    set_vllm_environment(ServeSettings(vllm=VllmSettings(cpu_threads=1)))
+    assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 2
 
 
 @pytest.fixture

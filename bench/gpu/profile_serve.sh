@@ -3,7 +3,8 @@
 # in-process front-end and its engine core; http: also the `petbreed serve` it starts, and its
 # engine core) for DURATION seconds from the start of its second concurrency level (pass
 # --levels 8,256; WINDOWS below), while nvidia-smi logs GPU utilisation. Called by device.sh's
-# serve-spy step.
+# serve-spy step. SPY_FLAGS=--native: C/C++ frames too (py-spy then pauses the processes for each
+# sample, so they run slower; rather than the default --nonblocking).
 #   MODE=http bash bench/gpu/profile_serve.sh MODEL OUT [bench_serve_gpu.py flags...]
 set -uo pipefail
 MODEL=$1 OUT=$2; shift 2
@@ -23,7 +24,7 @@ for w in $(seq "${WINDOWS:-1}"); do
     sleep 1
   done
   sleep "${SPY_DELAY:-0}"
-  "$SPY" record --pid "$BENCH" --subprocesses --threads --nonblocking --rate 100 --duration "$DURATION" \
+  "$SPY" record --pid "$BENCH" --subprocesses --threads ${SPY_FLAGS:---nonblocking} --rate ${SPY_RATE:-100} --duration "$DURATION" \
     --format raw -o "$OUT/serve_$w.spy"
   python3 bench/gpu/spy_top.py "$OUT/serve_$w.spy" > "$OUT/serve_spy_top_$w.txt" && xz -T0 "$OUT/serve_$w.spy"
 done

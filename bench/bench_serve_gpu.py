@@ -219,9 +219,10 @@ def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
 
 
 async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
-    """Two windows of the engine under vLLM's torch profiler, each moved into its own folder of
-    --torch-profile: `c1`, 12 classifications one at a time, and `saturated`, 0.5 s in the middle of
-    a load at concurrency 256. Returns the wall time of each window."""
+    """Three windows of the engine under vLLM's torch profiler, each moved into its own folder of
+    --torch-profile: `c1`, 12 classifications one at a time; `c8`, 24 of them 8 at a time (where
+    throughput was no better than at c=1 on 2026-12-03); and `saturated`, 0.5 s in the middle of a
+    load at concurrency 256. Returns the wall time of each window."""
     from bench.bench_serve import bounded_loop
 
     entry = state.resolve(None)
@@ -247,7 +248,8 @@ async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -
         return round(seconds, 3)
 
     await bounded_loop(call, [images(seed) for seed in range(500_000, 500_003)], 1)
-    walls = {"c1": await window("c1", bounded_loop(call, [images(seed) for seed in range(500_003, 500_015)], 1))}
+    walls = {"c1": await window("c1", bounded_loop(call, [images(seed) for seed in range(500_003, 500_015)], 1)),
+             "c8": await window("c8", bounded_loop(call, [images(seed) for seed in range(500_015, 500_039)], 8))}
     load = asyncio.create_task(bounded_loop(call, [images(seed) for seed in range(510_000, 511_024)], 256))
     await asyncio.sleep(5)
     walls["saturated"] = await window("saturated", asyncio.sleep(0.5))
@@ -576,7 +578,7 @@ def main() -> None:
     ap.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
                     help="engine: compile the vision tower (default: petbreed's, on with CUDA)")
     ap.add_argument("--torch-profile", type=Path, metavar="DIR",
-                    help="engine: first record two windows with vLLM's torch profiler into DIR (see torch_profiles)")
+                    help="engine: first record three windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
                     "pixels (the processor's floats instead of 8-bit pixels), cpu_threads (the engine core's "

@@ -1,5 +1,5 @@
 """Summarise a torch-profiler window of the vLLM engine core (`bench_serve_gpu.py engine
---torch-profile DIR` writes DIR/c1 and DIR/saturated): how busy the GPU was, which kernels held
+--torch-profile DIR` writes DIR/c1, DIR/c8 and DIR/saturated): how busy the GPU was, which kernels held
 it, how long each model-runner range took on the CPU and on the GPU, and each engine step.
 
   python bench/gpu/trace_top.py DIR/c1 [--top 25] [--steps 24]

@@ -213,7 +213,9 @@ class VllmClassifier:
         found = {root.prefix: await self._next_token(rendered, entry, root)}
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
         # reuse the image's KV blocks (and the encoder cache its vision features). And only the
-        # subtrees that can still hold one of the top k labels: the root decides the rest.
+        # subtrees that can still hold one of the top k labels: the root decides the rest. Asking
+        # every node at once saves no round: the requests reach the engine core one by one and the
+        # first starts a step alone (H200, docs/performance.md 2026-12-03).
         probs, pending = trie.resolve(found)
         bound = _kth_largest([p for p in probs if p is not None], top_k)
         deeper = [node for prefix, mass in pending.items() if mass > bound for node in trie.branches_under(prefix)]

@@ -94,9 +94,9 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
 
 def _limit_cpu_threads(threads: int | None) -> None:
     """torch's CPU threads for this process and, through OMP_NUM_THREADS, the engine core it spawns.
-    On an H200 at saturation, stacking a step's images (a 2 ms copy alone) took a third of the
-    engine core's time while four renderer threads each fanned their image processing out over
-    every core too (docs/performance.md)."""
+    On an H200 at saturation, with every parallel op of both processes (four renderer threads among
+    them) fanning out over all 16 cores, stacking a step's images (a 2 ms copy alone) took a third
+    of the engine core's time; with 1 thread, 6 % (docs/performance.md, 2026-12-03)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     if threads is None:

@@ -91,7 +91,6 @@ class PetbreedWorkerExtension:
         global _unpadded_images, _graph_images
         _unpadded_images, _graph_images = unpadded, graph_images
 
-
     def petbreed_cpu_threads(self, threads: int) -> None:
         """torch's CPU threads in the worker: with one GPU, the engine core's main thread, which
         stacks each step's images (`cpu_threads` sets them at start)."""

@@ -45,12 +45,17 @@ def test_images_kept_apart_reach_the_model_uncopied_and_scalars_are_still_stacke
 
 
 @pytest.fixture
-def engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The variables `set_vllm_environment` writes, unset here and restored after the test."""
+def engine_environment() -> Iterator[None]:
+    """The variables `set_vllm_environment` writes, unset for the test; the whole environment put
+    back after it. (Not through monkeypatch, whose undo puts back what the code under test set.)"""
+    saved = dict(os.environ)
     for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
                  "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
                  "OMP_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.mark.usefixtures("engine_environment")

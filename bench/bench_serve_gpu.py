@@ -34,8 +34,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # --ab: other ways of the engine, switched while it runs (ab_variants)
-AB = ("cpu_threads", "image_path", "images_apart", "pixels")
+AB = ("cpu_threads", "image_path", "images_apart", "pixels", "render_processes")
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -95,14 +97,22 @@ def publish_bench_adapter(model: Path, root: Path) -> str:
     return registry
 
 
-async def measure(call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], concurrency: int, requests: int,
+# Runs calls on these inputs, this many at a time: (wall seconds, each call's latency).
+Load = Callable[[list[Any], int], Awaitable[tuple[float, list[float]]]]
+
+
+def in_process(call: Callable[[Any], Awaitable[Any]]) -> Load:
+    from bench.bench_serve import bounded_loop
+
+    return partial(bounded_loop, call)
+
+
+async def measure(load: Load, make: Callable[[int], Any], concurrency: int, requests: int,
                   first: int) -> dict[str, Any]:
     """`requests` calls, `concurrency` at a time; images/s and latency. Each call's input (an image,
     an upload) is made from seeds first.. before the clock starts, as a real client has it already."""
-    from bench.bench_serve import bounded_loop
-
     inputs = [make(seed) for seed in range(first, first + requests)]
-    elapsed, latencies = await bounded_loop(call, inputs, concurrency)
+    elapsed, latencies = await load(inputs, concurrency)
     latencies.sort()
     return {"concurrency": concurrency, "requests": requests, "images_per_s": round(requests / elapsed, 1),
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
@@ -117,7 +127,7 @@ def requests_for(args: argparse.Namespace) -> Callable[[int], int]:
 Variants = dict[str, Callable[[], Awaitable[Any]]]  # way-name suffix -> what switches the engine to it
 
 
-async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable[[int], Any], levels: list[int],
+async def sweep(name: str, load: Load, make: Callable[[int], Any], levels: list[int],
                 count: Callable[[int], int], seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
     """Every level in turn. With variants, each level runs once per variant, one after the other
     after switching to it, so that drift during a run favours none of them; the first variant (the
@@ -128,13 +138,13 @@ async def sweep(name: str, call: Callable[[Any], Awaitable[Any]], make: Callable
     for switch in reversed(variants.values()):  # ends on the default
         await switch()
         for concurrency, requests in ((1, 2), (min(8, max(levels)), 8)):  # single- and multi-image steps
-            await measure(call, make, concurrency, requests, seed)
+            await measure(load, make, concurrency, requests, seed)
             seed += requests  # new images: a cached image's soft tokens would skip the tower
     for level in levels:
         n = count(level)
         for suffix, switch in variants.items():
             await switch()
-            rows.append({"way": name + suffix, **await measure(call, make, level, n, seed)})
+            rows.append({"way": name + suffix, **await measure(load, make, level, n, seed)})
             seed += n
             print(json.dumps(rows[-1]), flush=True)
     await next(iter(variants.values()))()
@@ -151,7 +161,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
-                        vision_graph_images=args.graph_images)
+                        vision_graph_images=args.graph_images, render_processes=args.render_processes)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -282,7 +292,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
             variants = ab_variants(classifier, args.ab, args.graph_images)
-            rows += await sweep(name, petbreed, images, levels, requests_for(args), seed0, variants)
+            rows += await sweep(name, in_process(petbreed), images, levels, requests_for(args), seed0, variants)
             seed0 += 1_000_000
 
     if args.no_reference:
@@ -304,10 +314,10 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
         return call
 
-    rows += await sweep("reference_8_tokens", reference(8), images, levels, requests_for(args), 100_000)
+    rows += await sweep("reference_8_tokens", in_process(reference(8)), images, levels, requests_for(args), 100_000)
     # The worst case decodes 128 tokens per image: one small wave per level says enough.
     for level in sorted({levels[0], levels[max(0, len(levels) - 2)]}):
-        row = await measure(reference(128), images, level, max(4, level), 200_000)
+        row = await measure(in_process(reference(128)), images, level, max(4, level), 200_000)
         rows.append({"way": "reference_128_tokens", **row})
         print(json.dumps(rows[-1]), flush=True)
     ours = rows[0]["way"]  # a sweep's first way is petbreed's default
@@ -331,12 +341,17 @@ def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
 
 def ab_variants(classifier: Any, other: str | None, graphs: int) -> Variants | None:
     """The ways of `other` (a key of AB): for "pixels", 8-bit pixels (the default) or the image
-    processor's floats, chosen per request; for the others, switched in the engine's workers."""
+    processor's floats, and for "render_processes", prompts rendered in the render processes (the
+    default with CUDA) or in vLLM's renderer threads, both chosen per request; for the others,
+    switched in the engine's workers."""
     if other is None:
         return None
     if other == "pixels":
-        return {"": _set_pixel_scale(classifier, classifier.pixel_scale),
-                "_float_pixels": _set_pixel_scale(classifier, None)}
+        return {"": _set(classifier, "pixel_scale", classifier.pixel_scale),
+                "_float_pixels": _set(classifier, "pixel_scale", None)}
+    if other == "render_processes":
+        return {"": _set(classifier, "render_pool", classifier.render_pool),
+                "_renderer_threads": _set(classifier, "render_pool", None)}
     method, ways = ab_ways(other, graphs)
 
     def switch(args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
@@ -345,9 +360,9 @@ def ab_variants(classifier: Any, other: str | None, graphs: int) -> Variants | N
     return {suffix: switch(args) for suffix, args in ways.items()}
 
 
-def _set_pixel_scale(classifier: Any, scale: float | None) -> Callable[[], Awaitable[None]]:
+def _set(classifier: Any, field: str, value: Any) -> Callable[[], Awaitable[None]]:
     async def switch() -> None:
-        classifier.pixel_scale = scale
+        setattr(classifier, field, value)
     return switch
 
 
@@ -458,48 +473,81 @@ def gpu_memory_gib() -> float | None:
 
 
 async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:
-    """`petbreed serve` as subprocesses, JPEG uploads over loopback. With --servers N, N of them
-    share the GPU (each 1/N of the memory) and every level runs twice: all requests to the first
-    server, then round-robin over all N (more front-end processes, one GPU)."""
+    """`petbreed serve` as subprocesses, JPEG uploads over loopback from --client-processes load
+    generators. With --servers N, N of them share the GPU (each 1/N of the memory) and every level
+    runs twice: all requests to the first server, then round-robin over all N (more front-end
+    processes, one GPU)."""
     import httpx
 
     t0 = time.perf_counter()
     servers = [start_server(args, registry, cache / f"server{i}", args.servers) for i in range(args.servers)]
+    clients = ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn"))
     try:
-        # Idle connections are dropped before uvicorn's 5 s keep-alive ends: reusing one the server is
-        # closing fails the request (a server idle during the previous sweep did that to run 8).
-        limits = httpx.Limits(max_connections=512, keepalive_expiry=1)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=120) as client:
             for proc, url in servers:
                 await wait_ready(client, url, proc)
-            start_s = time.perf_counter() - t0
-            targets = [servers[0][1]]
-            turn = itertools.count()
+        start_s = time.perf_counter() - t0
+        targets = [servers[0][1]]
 
-            def upload(seed: int) -> bytes:
-                buf = io.BytesIO()
-                images(seed).save(buf, format="JPEG", quality=90)
-                return buf.getvalue()
+        def upload(seed: int) -> bytes:
+            buf = io.BytesIO()
+            images(seed).save(buf, format="JPEG", quality=90)
+            return buf.getvalue()
 
-            async def post(body: bytes) -> None:
-                url = targets[next(turn) % len(targets)]
-                response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", body)})
-                response.raise_for_status()
+        async def load(bodies: list[Any], concurrency: int) -> tuple[float, list[float]]:
+            """The requests shared out over the client processes, as is the concurrency."""
+            count = args.client_processes
+            shares = [(list(targets), bodies[i::count], concurrency // count + (i < concurrency % count))
+                      for i in range(count)]
+            loop = asyncio.get_running_loop()
+            runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share)
+                                          for share in shares if share[2]))
+            wall = max(end for _, end, _ in runs) - min(begin for begin, _, _ in runs)
+            return wall, [latency for *_, latencies in runs for latency in latencies]
 
-            def use(count: int) -> Callable[[], Awaitable[None]]:
-                async def switch() -> None:
-                    targets[:] = [url for _, url in servers[:count]]
-                return switch
+        def use(count: int) -> Callable[[], Awaitable[None]]:
+            async def switch() -> None:
+                targets[:] = [url for _, url in servers[:count]]
+            return switch
 
-            variants = {"": use(1), f"_{len(servers)}_servers": use(len(servers))} if len(servers) > 1 else None
-            levels = [int(x) for x in args.levels.split(",")]
-            rows = await sweep("petbreed_http", post, upload, levels, requests_for(args), 300_000, variants)
-        return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib()}
+        variants = {"": use(1), f"_{len(servers)}_servers": use(len(servers))} if len(servers) > 1 else None
+        levels = [int(x) for x in args.levels.split(",")]
+        rows = await sweep("petbreed_http", load, upload, levels, requests_for(args), 300_000, variants)
+        return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
+                "client_processes": args.client_processes}
     finally:
+        clients.shutdown()
         for proc, _ in servers:
             proc.terminate()
         for proc, _ in servers:
             proc.wait(60)
+
+
+def post_all(urls: list[str], bodies: list[bytes], concurrency: int) -> tuple[float, float, list[float]]:
+    """In a client process: POST every body to /v1/predict (round-robin over urls), `concurrency`
+    at a time. Returns the clock (time.monotonic, shared by the processes) at the start and at the
+    end, and each request's latency. A client of its own per process: one httpx client's pool
+    bookkeeping took half of its thread at 256 connections (2026-12-03 profile)."""
+    import httpx
+
+    from bench.bench_serve import bounded_loop
+
+    turn = itertools.count()
+
+    async def run() -> tuple[float, float, list[float]]:
+        limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=1)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+            async def post(body: bytes) -> None:
+                url = urls[next(turn) % len(urls)]
+                response = await client.post(f"{url}/v1/predict", files={"file": ("pet.jpg", body)})
+                response.raise_for_status()
+
+            begin = time.monotonic()
+            _, latencies = await bounded_loop(post, bodies, concurrency)
+            return begin, time.monotonic(), latencies
+
+    return asyncio.run(run())
 
 
 Server = tuple[subprocess.Popen[bytes], str]  # the process and its URL
@@ -519,6 +567,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images)}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
+    if args.render_processes is not None:
+        env["PETBREED_VLLM__RENDER_PROCESSES"] = str(args.render_processes)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -582,10 +632,13 @@ def main() -> None:
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
                     "pixels (the processor's floats instead of 8-bit pixels), cpu_threads (the engine core's "
-                    "torch threads on every core instead of 1)")
+                    "torch threads on every core instead of 1), render_processes (vLLM's renderer threads "
+                    "instead of processes)")
     ap.add_argument("--graph-images", type=int, default=VllmSettings().vision_graph_images,
                     help="vision_graph_images: CUDA graphs of the tower for steps of up to N images (0: off)")
     ap.add_argument("--servers", type=int, default=1, help="http: petbreed processes sharing the GPU (see http_mode)")
+    ap.add_argument("--client-processes", type=int, default=4, help="http: load generator processes")
+    ap.add_argument("--render-processes", type=int, help="render_processes (default: petbreed's, 4 with CUDA)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--dtype", default="bfloat16")

@@ -20,7 +20,8 @@ their probabilities are exact; labels that cannot be among them may be reported 
 
 Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
 `AsyncEngineArgs`, its renderer's `render_cmpl_async` (the way vLLM's deprecation notices ask
-prompts to be passed), SamplingParams and LoRARequest.
+prompts to be passed) or `renderer_from_config` + `render_cmpl` in render processes
+(serve/render_pool.py), SamplingParams and LoRARequest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from PIL import Image
 from adapter_contract.labels import BranchNode
 from serve.adapters import AdapterEntry
 from serve.processor_compat import patch_mm_token_check
+from serve.render_pool import RenderPool
 from serve.settings import ServeSettings
 from serve.vllm_compat import (
     COMPILE_VISION_ENV,
@@ -121,6 +123,14 @@ def raw_pixel_scale(settings: ServeSettings, processor: Any) -> float | None:
     return float(image.rescale_factor)
 
 
+def render_processes(settings: ServeSettings) -> int:
+    """How many render processes the engine gets (see `VllmSettings.render_processes`)."""
+    processes = settings.vllm.render_processes
+    if processes is None:
+        return 4 if _has_cuda() else 0
+    return processes
+
+
 def tower_lora(settings: ServeSettings) -> bool:
     """Whether the engine applies adapters' vision tower and projector weights."""
     return settings.vllm.tower_lora and tower_lora_supported()
@@ -185,6 +195,8 @@ class VllmClassifier:
     # Set: images go to the engine as 8-bit pixels, which its workers multiply by this (see
     # serve/vllm_compat.py). None: as the image processor makes them, in the model's dtype.
     pixel_scale: float | None = None
+    # Set: prompts are rendered in these processes, not in the renderer's threads.
+    render_pool: RenderPool | None = None
 
     @classmethod
     def start(cls, settings: ServeSettings, model_path: str, pixel_scale: float | None = None) -> VllmClassifier:
@@ -193,7 +205,12 @@ class VllmClassifier:
         from vllm import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_engine_args(engine_args(settings, model_path))
-        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale)
+        processes = render_processes(settings)
+        pool = RenderPool(engine.vllm_config, processes) if processes else None
+        if pool is not None:
+            pool.warm_up()
+            log.info("render processes started", extra={"processes": processes})
+        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool)
 
     async def load_adapter(self, entry: AdapterEntry) -> None:
         """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
@@ -224,11 +241,13 @@ class VllmClassifier:
         return [0.0 if p is None else p for p in trie.resolve(found)[0]]
 
     async def render(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
-        """The adapter's prompt with this image, processed for the engine by vLLM's renderer, which
-        runs the image processor in its own threads (`renderer_workers`): inside `generate` it would
-        run on the event loop that every request shares. Each request about the image extends this
-        one with its answer prefix, so the image is processed once."""
+        """The adapter's prompt with this image, processed for the engine by vLLM's renderer in the
+        render processes, or in the renderer's own threads (`renderer_workers`): inside `generate`
+        it would run on the event loop that every request shares. Each request about the image
+        extends this one with its answer prefix, so the image is processed once."""
         prompt = {"prompt_token_ids": list(entry.prompt_token_ids), **self.image_input(image, entry)}
+        if self.render_pool is not None:
+            return await self.render_pool.render(prompt)
         (rendered,) = await self.engine.renderer.render_cmpl_async([prompt])
         return dict(rendered)
 
@@ -276,9 +295,12 @@ class VllmClassifier:
         return {int(token): float(lp.logprob) for token, lp in final.outputs[0].logprobs[0].items()}
 
     def dead(self) -> bool:
-        return self.engine is None or bool(getattr(self.engine, "errored", False))
+        pool_broken = self.render_pool is not None and self.render_pool.broken
+        return self.engine is None or bool(getattr(self.engine, "errored", False)) or pool_broken
 
     def shutdown(self) -> None:
+        if self.render_pool is not None:
+            self.render_pool.shutdown()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()

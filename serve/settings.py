@@ -65,6 +65,12 @@ class VllmSettings(BaseModel):
         4, ge=1, description="threads of vLLM's renderer (renderer_num_workers), which run the image processor off "
         "the front-end's event loop (vLLM >= 0.32 uses one for images whatever this says)"
     )
+    render_processes: int | None = Field(
+        None, ge=0, description="processes that render prompts with images (the image processor and vLLM's "
+        "placeholders) instead of the renderer's threads, which hold the front-end's interpreter lock against its "
+        "event loop (serve/render_pool.py); each loads the processor. 0: the threads. None: 4 with CUDA, 0 on CPU, "
+        "where the model itself needs the cores"
+    )
     cpu_threads: int | None = Field(
         None, ge=1, description="torch's CPU threads in the front-end and the engine core (OMP_NUM_THREADS, which "
         "wins where set). With CUDA these processes run only small CPU work: image processing in several renderer "

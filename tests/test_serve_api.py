@@ -221,20 +221,24 @@ def test_parity_with_transformers_peft(
     assert_accurate(assert_parity(client, registry_uri, tiny_model, test_images, tmp_path), test_images)
 
 
-def test_parity_with_a_compiled_vision_tower(
+def test_parity_with_a_compiled_vision_tower_and_render_processes(
     trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The GPU default (`compile_vision_tower`, on with CUDA) forced on here, and a step's images
-    handed to the tower one by one (`stack_images_on_cpu` off): same answers. The compiled code is
-    kept in the cache folder, for the next start."""
+    """GPU defaults forced on here: a compiled vision tower (`compile_vision_tower`) and prompts
+    rendered in processes of their own (`render_processes`); and a step's images handed to the tower
+    one by one (`stack_images_on_cpu` off): same answers. The compiled code is kept in the cache
+    folder, for the next start."""
     port = free_port()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # petbreed's default, not this process's
     env = {"PETBREED_REGISTRY": trained_registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "PETBREED_VLLM__STACK_IMAGES_ON_CPU": "false"}
+           "PETBREED_VLLM__COMPILE_VISION_TOWER": "true", "PETBREED_VLLM__STACK_IMAGES_ON_CPU": "false",
+           "PETBREED_VLLM__RENDER_PROCESSES": "2"}
     with running_server(tiny_model, env, port, tmp_path) as server, \
             httpx.Client(base_url=str(server["url"]), timeout=120) as client:
         assert_accurate(assert_parity(client, trained_registry, tiny_model, test_images, tmp_path), test_images)
+        log = Path(str(server["log"])).read_text()
+    assert '"processes": 2' in log and "render processes started" in log
     inductor = tmp_path / "cache" / "inductor"  # running_server's PETBREED_CACHE_DIR
     assert any(inductor.rglob("*.py")), "the engine compiled nothing there"  # inductor's generated kernels
 

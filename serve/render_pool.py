@@ -1,0 +1,103 @@
+"""vLLM's renderer (the image processor and the prompt's image placeholders) in worker processes.
+
+vLLM renders a prompt with an image in the front-end process: the Hugging Face image processor,
+then its own placeholder expansion, mostly Python. In threads (`renderer_workers`) that work holds
+the front-end's interpreter lock against the event loop, which needs it for every request it
+sends to the engine core: on an H200 at 256 requests at once over HTTP, no thread of the API
+process was fully busy while the GPU idled between waves of work (docs/performance.md). In
+processes it has locks of its own.
+
+Each worker builds the renderer the engine built, from the engine's own VllmConfig, with
+`renderer_from_config` and `render_cmpl`, which vLLM 0.24 and 0.32 share. So a prompt rendered
+there is the one the engine's renderer makes (tests/test_serve_api.py compares the answers).
+Images and tensors cross as raw bytes, not as torch's shared-memory handles: one copy each way,
+no file descriptors held per tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serve.processor_compat import patch_mm_token_check
+
+# Modes whose pixels an array holds completely (a palette image's would lose the palette).
+_ARRAY_MODES = {"RGB", "RGBA", "L"}
+
+_renderer: Any = None  # the worker process's vLLM renderer
+
+
+class RenderPool:
+    def __init__(self, vllm_config: Any, processes: int) -> None:
+        self.processes = processes
+        self.broken = False
+        # Spawned, like vLLM's engine core: forking a process with threads (and maybe CUDA) is unsafe.
+        self._pool = ProcessPoolExecutor(
+            processes, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(vllm_config,)
+        )
+
+    def warm_up(self) -> None:
+        """Start every worker now (each loads the processor: seconds), not on a client's request."""
+        for _ in self._pool.map(_ready, range(self.processes)):
+            pass
+
+    async def render(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """`prompt` as vLLM's `render_cmpl` takes it, rendered for `AsyncLLM.generate`."""
+        try:
+            rendered = await asyncio.get_running_loop().run_in_executor(self._pool, _render, dumps(prompt))
+        except BrokenProcessPool:
+            self.broken = True  # a worker died: nothing more renders, the server must restart
+            raise
+        return pickle.loads(rendered)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker(vllm_config: Any) -> None:
+    global _renderer
+    patch_mm_token_check()
+    from vllm.renderers import renderer_from_config
+
+    _renderer = renderer_from_config(vllm_config)
+
+
+def _ready(_: int) -> bool:
+    return _renderer is not None
+
+
+def _render(prompt: bytes) -> bytes:
+    (rendered,) = _renderer.render_cmpl([pickle.loads(prompt)])
+    return dumps(dict(rendered))
+
+
+def dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+class _Pickler(pickle.Pickler):
+    """Tensors and images as one flat byte array each (torch's own pickling of a 2 MB tensor goes
+    through torch.save: about 5x slower on this machine; PIL's converts through bytes twice)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().contiguous()
+            return _tensor, (tensor.reshape(-1).view(torch.uint8).numpy(), tensor.dtype, tuple(tensor.shape))
+        if isinstance(obj, Image.Image) and obj.mode in _ARRAY_MODES:
+            return Image.fromarray, (np.asarray(obj),)
+        return NotImplemented
+
+
+def _tensor(data: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(data).view(dtype).reshape(shape)

@@ -1,0 +1,53 @@
+"""The render processes' plumbing (serve/render_pool.py). That prompts rendered there give the
+served answers transformers + PEFT give is checked in test_serve_api (the GPU defaults' parity test)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serve import engine
+from serve.engine import render_processes
+from serve.render_pool import dumps
+from serve.settings import ServeSettings, VllmSettings
+
+
+def test_tensors_and_images_cross_unchanged() -> None:
+    pixels = torch.randint(0, 255, (6, 8), dtype=torch.uint8)
+    rendered = {
+        "prompt_token_ids": [2, 7, 9],
+        "pixels": pixels,
+        "strided": torch.arange(12.0).reshape(3, 4).T,  # not contiguous
+        "bf16": torch.rand(5, 3).to(torch.bfloat16),
+        "scalar": torch.tensor(3, dtype=torch.int64),
+        "positions": [torch.zeros(0, 2, dtype=torch.int64)],
+    }
+    back = pickle.loads(dumps(rendered))
+    assert back["prompt_token_ids"] == [2, 7, 9]
+    for key in ("pixels", "strided", "bf16", "scalar"):
+        assert back[key].dtype == rendered[key].dtype and torch.equal(back[key], rendered[key]), key
+    assert back["positions"][0].shape == (0, 2)
+    back["pixels"][0, 0] += 1  # the receiver owns its copy
+    assert not torch.equal(back["pixels"], pixels)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_images_of_every_mode_cross_unchanged(mode: str) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (7, 5, 3), dtype=np.uint8)).convert(mode)
+    back = pickle.loads(dumps(image))
+    assert back.mode == image.mode and back.size == image.size
+    assert back.tobytes() == image.tobytes() and back.getpalette() == image.getpalette()
+
+
+def test_render_processes_are_on_with_cuda_off_on_cpu_and_the_operators_choice_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert render_processes(ServeSettings()) == 0  # the CPU build: the model needs the cores
+    monkeypatch.setattr(engine, "_has_cuda", lambda: True)
+    assert render_processes(ServeSettings()) == 4
+    assert render_processes(ServeSettings(vllm=VllmSettings(render_processes=0))) == 0
+    assert render_processes(ServeSettings(vllm=VllmSettings(render_processes=2))) == 2

@@ -4,6 +4,7 @@ served answers transformers + PEFT give is checked in test_serve_api (the GPU de
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from serve.settings import ServeSettings, VllmSettings
 
 def test_tensors_and_images_cross_unchanged() -> None:
     pixels = torch.randint(0, 255, (6, 8), dtype=torch.uint8)
-    rendered = {
+    rendered: dict[str, Any] = {
         "prompt_token_ids": [2, 7, 9],
         "pixels": pixels,
         "strided": torch.arange(12.0).reshape(3, 4).T,  # not contiguous

@@ -495,13 +495,13 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
             return buf.getvalue()
 
         async def load(bodies: list[Any], concurrency: int) -> tuple[float, list[float]]:
-            """The requests shared out over the client processes, as is the concurrency."""
-            count = args.client_processes
+            """The requests shared out over the client processes, as is the concurrency (fewer
+            processes than --client-processes below that many at once)."""
+            count = min(args.client_processes, concurrency)
             shares = [(list(targets), bodies[i::count], concurrency // count + (i < concurrency % count))
                       for i in range(count)]
             loop = asyncio.get_running_loop()
-            runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share)
-                                          for share in shares if share[2]))
+            runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share) for share in shares))
             wall = max(end for _, end, _ in runs) - min(begin for begin, _, _ in runs)
             return wall, [latency for *_, latencies in runs for latency in latencies]
 

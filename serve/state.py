@@ -19,7 +19,7 @@ from PIL import Image
 
 from adapter_contract.manifest import config_sha256
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, tower_lora
+from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, render_processes, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
@@ -88,15 +88,18 @@ class ServerState:
         log.info("engine started", extra={"seconds": round(time.perf_counter() - started, 1), "base": base.path})
 
     async def _warm_up(self) -> None:
-        """One prediction before /readyz says yes. vLLM's first image request loads the image
+        """Predictions before /readyz says yes. vLLM's first image request loads the image
         processor (again, if the soft-token budget differs from the model's) and compiles kernels:
-        seconds on a GPU that no client should wait for."""
+        seconds on a GPU that no client should wait for. Several images at once, so that each
+        renderer thread or render process meets its first image here (a render process's first
+        took 13-16 s on the H200 machine)."""
         try:
             entry = self.tables().resolve(None)
         except AdapterNotFound:  # no default adapter (yet): the first client pays instead
             return
         started = time.perf_counter()
-        await self.engine().classify([Image.new("RGB", (64, 64))], entry)
+        renderers = max(self.settings.vllm.renderer_workers, render_processes(self.settings))
+        await self.engine().classify([Image.new("RGB", (64, 64))] * renderers, entry)
         log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     def begin(self) -> None:

@@ -9,8 +9,8 @@ the same vLLM engine, in one run (H200; runs on CPU with the tiny model for a sm
   engine and adapter, the reference way: a prompt listing all 37 breed names, greedy free text
   (8 tokens with ignore_eos standing for a fine-tuned answer, and the 128-token worst case),
   mapped to a breed by case-insensitive substring, longest name first.
-- http: `petbreed serve` (serve.cli) as a subprocess, driven over loopback by an httpx client
-  posting multipart JPEGs to /v1/predict.
+- http: `petbreed serve` (serve.cli) as a subprocess, driven over loopback by httpx clients in
+  --client-processes processes posting multipart JPEGs to /v1/predict.
 Every request carries an image never seen before, so no cache flatters the numbers. A 37-breed
 rank-16 LoRA adapter (random weights) is published first with petbreed's own registry code.
 

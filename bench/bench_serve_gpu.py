@@ -488,6 +488,7 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
                 await wait_ready(client, url, proc)
         start_s = time.perf_counter() - t0
         targets = [servers[0][1]]
+        stages: list[dict[str, Any]] = []  # per level (warm-ups too), the first server's time per stage
 
         def upload(seed: int) -> bytes:
             buf = io.BytesIO()
@@ -501,7 +502,10 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
             shares = [(list(targets), bodies[i::count], concurrency // count + (i < concurrency % count))
                       for i in range(count)]
             loop = asyncio.get_running_loop()
+            before = await asyncio.to_thread(stage_totals, targets[0])
             runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share) for share in shares))
+            stages.append({"concurrency": concurrency, "requests": len(bodies),
+                           **stage_means(before, await asyncio.to_thread(stage_totals, targets[0]))})
             wall = max(end for _, end, _ in runs) - min(begin for begin, _, _ in runs)
             return wall, [latency for *_, latencies in runs for latency in latencies]
 
@@ -514,13 +518,38 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
         levels = [int(x) for x in args.levels.split(",")]
         rows = await sweep("petbreed_http", load, upload, levels, requests_for(args), 300_000, variants)
         return {"engine_start_s": round(start_s, 1), "rows": rows, "gpu_memory_gib": gpu_memory_gib(),
-                "client_processes": args.client_processes}
+                "client_processes": args.client_processes, "server_stages": stages}
     finally:
         clients.shutdown()
         for proc, _ in servers:
             proc.terminate()
         for proc, _ in servers:
             proc.wait(60)
+
+
+def stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """The server's petbreed_stage_duration_seconds: (sum, count) per stage."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples if family.name == "petbreed_stage_duration_seconds" else []:
+            if sample.name.endswith(("_sum", "_count")):
+                totals.setdefault(sample.labels["stage"], [0.0, 0.0])[sample.name.endswith("_count")] = sample.value
+    return {stage: (total, count) for stage, (total, count) in totals.items()}
+
+
+def stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Mean ms per stage between two scrapes, and how many times each stage ran (round2: images
+    that needed a deeper trie node)."""
+    means: dict[str, Any] = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[f"{stage}_ms"] = round(1000 * (total - total0) / (count - count0), 1)
+            means[f"{stage}_n"] = int(count - count0)
+    return means
 
 
 def post_all(urls: list[str], bodies: list[bytes], concurrency: int) -> tuple[float, float, list[float]]:

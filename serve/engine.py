@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -197,9 +198,14 @@ class VllmClassifier:
     pixel_scale: float | None = None
     # Set: prompts are rendered in these processes, not in the renderer's threads.
     render_pool: RenderPool | None = None
+    # Set: told each image's time per stage (render, round1, round2), in seconds.
+    observe: Callable[[str, float], None] | None = None
 
     @classmethod
-    def start(cls, settings: ServeSettings, model_path: str, pixel_scale: float | None = None) -> VllmClassifier:
+    def start(
+        cls, settings: ServeSettings, model_path: str, pixel_scale: float | None = None,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> VllmClassifier:
         """Build the engine (blocking, tens of seconds); call it off the event loop."""
         set_vllm_environment(settings, pixel_scale)
         from vllm import AsyncLLMEngine
@@ -210,7 +216,7 @@ class VllmClassifier:
         if pool is not None:
             pool.warm_up()
             log.info("render processes started", extra={"processes": processes})
-        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool)
+        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool, observe)
 
     async def load_adapter(self, entry: AdapterEntry) -> None:
         """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
@@ -225,9 +231,12 @@ class VllmClassifier:
         trie = entry.prompt.trie
         if not trie.branches:  # a single label: nothing to choose
             return [1.0] * len(trie.sequences)
+        started = time.perf_counter()
         rendered = await self.render(image, entry)
+        rendered_at = self._lap("render", started)
         root = trie.branches[0]
         found = {root.prefix: await self._next_token(rendered, entry, root)}
+        root_at = self._lap("round1", rendered_at)
         # Deeper nodes only after the root: their prompts extend the root's, so prefix caching can
         # reuse the image's KV blocks (and the encoder cache its vision features). And only the
         # subtrees that can still hold one of the top k labels: the root decides the rest. Asking
@@ -236,9 +245,17 @@ class VllmClassifier:
         probs, pending = trie.resolve(found)
         bound = _kth_largest([p for p in probs if p is not None], top_k)
         deeper = [node for prefix, mass in pending.items() if mass > bound for node in trie.branches_under(prefix)]
-        rest = await asyncio.gather(*(self._next_token(rendered, entry, node) for node in deeper))
-        found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
+        if deeper:
+            rest = await asyncio.gather(*(self._next_token(rendered, entry, node) for node in deeper))
+            found.update({node.prefix: lp for node, lp in zip(deeper, rest, strict=True)})
+            self._lap("round2", root_at)
         return [0.0 if p is None else p for p in trie.resolve(found)[0]]
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.observe is not None:
+            self.observe(stage, now - since)
+        return now
 
     async def render(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
         """The adapter's prompt with this image, processed for the engine by vLLM's renderer in the

@@ -16,6 +16,13 @@ class Metrics:
             "petbreed_http_request_duration_seconds", "HTTP request latency by route template", ["route"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
         )
+        self.stages = Histogram(
+            "petbreed_stage_duration_seconds", "Time in each stage of a prediction: decode (a request's uploads "
+            "to images), and per image render (image processor and vLLM's placeholders), round1 (the root "
+            "request), round2 (deeper label-trie nodes, only for images that need them)", ["stage"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "petbreed_queue_depth", "images admitted and not yet answered", registry=self.registry
         )
@@ -32,3 +39,6 @@ class Metrics:
         self.adapters = Gauge(
             "petbreed_adapters", "adapter versions by state (loaded, refused)", ["state"], registry=self.registry
         )
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stages.labels(stage).observe(seconds)

@@ -82,7 +82,8 @@ class ServerState:
         )
         if self.classifier is None:
             scale = raw_pixel_scale(s, base.processor)
-            self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path, scale)
+            observe = self.metrics.observe_stage
+            self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path, scale, observe)
         await self.reload()
         await self._warm_up()
         log.info("engine started", extra={"seconds": round(time.perf_counter() - started, 1), "base": base.path})
@@ -181,7 +182,9 @@ class ServerState:
             )
         entry = self.resolve(ref)
         with self.admit(len(images)):
+            started = time.perf_counter()
             decoded = await asyncio.to_thread(self._decode_all, images)
+            self.metrics.observe_stage("decode", time.perf_counter() - started)
             distributions = await self._classify(decoded, entry, top_k)
         predictions = [self._prediction(entry, probs, top_k) for probs in distributions]
         self.metrics.predictions.labels(entry.ref).inc(len(predictions))

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_contract.labels import LabelSet
 from adapter_contract.manifest import AdapterManifest
@@ -497,6 +498,23 @@ def test_metrics(client: httpx.Client) -> None:
     assert 'petbreed_predictions_total{adapter="cats@1"}' in text
     assert "petbreed_queue_depth 0.0" in text
     assert 'petbreed_adapters{state="refused"} 1.0' in text
+
+
+def test_stage_metrics_time_every_image(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:
+    """Where a prediction's time goes, per stage: each image is rendered once and asked its root
+    once; the full distribution of 6 breeds needs the deeper "American ..." node too."""
+    before = _stage_counts(client)
+    paths = [path for _, path in test_images[:3]]
+    assert predict_files(client, [jpeg(p) for p in paths], adapter="pets@1", top_k="6").status_code == 200
+    after = _stage_counts(client)
+    added = {stage: after[stage] - before.get(stage, 0) for stage in after}
+    assert added == {"decode": 1, "render": 3, "round1": 3, "round2": 3}
+
+
+def _stage_counts(client: httpx.Client) -> dict[str, float]:
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    samples = families["petbreed_stage_duration_seconds"].samples
+    return {s.labels["stage"]: s.value for s in samples if s.name.endswith("_count")}
 
 
 def test_logs_are_json_lines(server: dict) -> None:

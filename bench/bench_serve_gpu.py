@@ -564,6 +564,8 @@ def post_all(urls: list[str], bodies: list[bytes], concurrency: int) -> tuple[fl
     turn = itertools.count()
 
     async def run() -> tuple[float, float, list[float]]:
+        # Idle connections are dropped before uvicorn's 5 s keep-alive ends: reusing one the server is
+        # closing fails the request (a server idle during the previous sweep did that to run 8).
         limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=1)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 

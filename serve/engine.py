@@ -211,10 +211,14 @@ class VllmClassifier:
         from vllm import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_engine_args(engine_args(settings, model_path))
-        processes = render_processes(settings)
-        pool = RenderPool(engine.vllm_config, processes) if processes else None
-        if pool is not None:
-            pool.warm_up()
+        processes, pool = render_processes(settings), None
+        if processes:
+            try:
+                pool = RenderPool(engine.vllm_config, processes)
+                pool.warm_up()
+            except Exception:
+                engine.shutdown()  # no classifier will own the engine core, so stop it here
+                raise
             log.info("render processes started", extra={"processes": processes})
         return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool, observe)
 

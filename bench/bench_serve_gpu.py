@@ -161,7 +161,8 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
-                        vision_graph_images=args.graph_images, render_processes=args.render_processes)
+                        vision_graph_images=args.graph_images, render_processes=args.render_processes,
+                        torch_compile=args.torch_compile)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -400,7 +401,7 @@ async def anatomy(args: argparse.Namespace, state: Any, images: Images) -> list[
 
     async def root_request(image: Image.Image) -> dict[str, Any]:
         """The root request as `VllmClassifier._one` makes it: the image processed, then the root's prefix."""
-        rendered = await classifier.render(image, entry)
+        rendered, _ = await classifier.render(image, entry)
         return {**rendered, "prompt_token_ids": [*rendered["prompt_token_ids"], *root.prefix]}
 
     async def fresh_image(image: Image.Image) -> None:
@@ -595,7 +596,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
            "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
            "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
-           "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images)}
+           "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
+           "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower()}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
@@ -654,6 +656,8 @@ def main() -> None:
     ap.add_argument("--soft-tokens", default="", help="image token budgets to sweep, e.g. 280,140,70 (http: first)")
     ap.add_argument("--top-k", default="all", help="engine: top-k values to sweep, e.g. all,5,1 (HTTP: the API's 5)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="with --graphs: torch.compile the language model (vLLM's piecewise graphs; torch_compile)")
     ap.add_argument("--anatomy", type=int, default=0, metavar="N",
                     help="engine: first time each part of one classification N times at concurrency 1 (0: off)")
     ap.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,
@@ -684,7 +688,7 @@ def main() -> None:
         result = asyncio.run(run(args, registry, Path(tmp) / "cache", images))
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
-                  graphs=args.graphs, max_batched_tokens=args.max_batched_tokens,
+                  graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   compute_bound={b or default: compute_bound(args.model, b or default)
                                  for b in budgets(args)})
     print(json.dumps(result, indent=2))

@@ -18,8 +18,9 @@ class Metrics:
         )
         self.stages = Histogram(
             "petbreed_stage_duration_seconds", "Time in each stage of a prediction: decode (a request's uploads "
-            "to images), and per image render (image processor and vLLM's placeholders), round1 (the root "
-            "request), round2 (deeper label-trie nodes, only for images that need them)", ["stage"],
+            "to images), and per image render or render_process (image processor and vLLM's placeholders, in "
+            "this process or a render process), round1 (the root request), round2 (deeper label-trie nodes, only "
+            "for images that need them)", ["stage"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )

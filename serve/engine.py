@@ -173,10 +173,11 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Also the engine's default, not only each request's: vLLM then sizes its encoder profile
         # for this budget and loads the image processor once, for the kwargs requests carry.
         kwargs["mm_processor_kwargs"] = {"max_soft_tokens": v.max_soft_tokens}
-    if not eager and not v.torch_compile:
-        # Full CUDA graphs of the uncompiled model: most of compilation's latency win at batch 1
-        # (one ~300-token prefill is launch-bound in eager mode) for seconds of start-up, not minutes.
-        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL"}
+    if not eager:
+        # Full CUDA graphs: one ~300-token prefill at batch 1 is launch-bound in eager mode. Of the
+        # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
+        # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
+        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
     return AsyncEngineArgs(**kwargs)
 
 

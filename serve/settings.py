@@ -23,8 +23,8 @@ class VllmSettings(BaseModel):
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     torch_compile: bool = Field(
-        False, description="with CUDA graphs: torch.compile + piecewise graphs (minutes of start-up) instead of "
-        "full graphs of the eager model (seconds)"
+        False, description="with CUDA graphs: full graphs of the torch.compiled model (minutes of start-up; steps "
+        "too large for a graph run compiled too) instead of the eager model's (seconds)"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "

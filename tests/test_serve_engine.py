@@ -9,7 +9,7 @@ import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from PIL import Image
@@ -26,7 +26,20 @@ class RecordingRenderer:
 
     async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.rendered += prompts
+        await asyncio.sleep(0)  # vLLM's renders in a thread: other images go on meanwhile
         return [{"type": "multimodal", **prompt} for prompt in prompts]
+
+
+class RecordingPool:
+    """The render processes (serve/render_pool.py): records each prompt, renders as vLLM's renderer."""
+
+    def __init__(self) -> None:
+        self.rendered: list[dict[str, Any]] = []
+
+    async def render(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        self.rendered.append(prompt)
+        await asyncio.sleep(0)
+        return {"type": "multimodal", **prompt}
 
 
 class RecordingEngine:
@@ -142,3 +155,15 @@ def test_with_top_k_deeper_nodes_are_asked_only_where_a_top_label_can_hide() -> 
     assert top2 == top1 and asked == 1
     top3, asked = classify(3)  # the root decides only 2 labels: the subtree is needed
     assert top3 == pytest.approx(full) and asked == 2
+
+
+def test_an_image_alone_renders_in_this_process_and_images_that_arrive_together_in_the_render_processes() -> None:
+    engine, pool = RecordingEngine(), RecordingPool()
+    classifier = VllmClassifier(engine, render_pool=cast(Any, pool))
+    entry = entry_for(LabelTrie([(1,), (4,)]))
+
+    asyncio.run(classifier.classify([Image.new("RGB", (8, 8))], entry))
+    assert (len(engine.renderer.rendered), len(pool.rendered)) == (1, 0)
+
+    asyncio.run(classifier.classify([Image.new("RGB", (8, 8)) for _ in range(3)], entry))
+    assert (len(engine.renderer.rendered), len(pool.rendered)) == (2, 2)  # the first of three here, two there

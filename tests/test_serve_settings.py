@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, VllmSettings
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +41,15 @@ def test_vertex_routes_and_nested_vllm_settings(monkeypatch: pytest.MonkeyPatch)
 def test_a_request_at_the_image_limit_must_fit_the_queue() -> None:
     with pytest.raises(ValidationError, match="queue_size"):
         ServeSettings(max_images=8, queue_size=4)
+
+
+@pytest.mark.parametrize(("torch_compile", "mode"), [(False, 0), (True, 3)])
+def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, torch_compile: bool, mode: int
+) -> None:
+    from serve import engine
+
+    monkeypatch.setattr(engine, "_has_cuda", lambda: True)
+    args = engine.engine_args(ServeSettings(vllm=VllmSettings(torch_compile=torch_compile)), str(tiny_model))
+    assert not args.enforce_eager
+    assert (args.compilation_config.mode, args.compilation_config.cudagraph_mode.name) == (mode, "FULL")

@@ -176,21 +176,9 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     if not eager:
         # Full CUDA graphs: one ~300-token prefill at batch 1 is launch-bound in eager mode. Of the
         # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
-        # graph run eagerly, which torch_compile (mode 3) compiles.
-        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL",
-                                        "cudagraph_capture_sizes": graph_sizes(v.graph_max_tokens or
-                                                                               v.max_num_batched_tokens)}
+        # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
+        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
     return AsyncEngineArgs(**kwargs)
-
-
-def graph_sizes(max_tokens: int) -> list[int]:
-    """Engine-step sizes (tokens) to capture CUDA graphs for, up to `max_tokens`. vLLM's default
-    stops at 512 tokens, one image's prompt: a step of a few images then ran eagerly, and on an
-    H200 8 images at once gave 14.4 images/s where one at a time gave 21.8 (docs/performance.md).
-    Sparser as they grow: a step is padded up to the next size, and each size costs start-up."""
-    ladder = [1, 2, 4, 8, 16, 32, 64, 128, 256, *range(320, 1024, 64), *range(1024, 4096, 256),
-              *range(4096, max_tokens + 1, 1024)]
-    return sorted({size for size in ladder if size < max_tokens} | {max_tokens})
 
 
 def _has_cuda() -> bool:

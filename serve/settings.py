@@ -35,10 +35,6 @@ class VllmSettings(BaseModel):
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters cached in host memory (LRU)")
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
     max_num_seqs: int | None = Field(None, ge=1)
-    graph_max_tokens: int | None = Field(
-        None, ge=1, description="with CUDA graphs: the largest engine step (in tokens) that runs as a graph; "
-        "larger steps run eagerly. None: max_num_batched_tokens (vLLM's own default is 512, one image)"
-    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     compile_vision_tower: bool | None = Field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,4 @@ def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
     monkeypatch.setattr(engine, "_has_cuda", lambda: True)
     args = engine.engine_args(ServeSettings(vllm=VllmSettings(torch_compile=torch_compile)), str(tiny_model))
     assert not args.enforce_eager
-    config = args.compilation_config
-    assert (config.mode, config.cudagraph_mode.name) == (mode, "FULL")
-    # Graphs for every step up to a full one, a saturated server's, not only vLLM's 512 tokens (one image).
-    sizes = config.cudagraph_capture_sizes
-    assert sizes[-1] == args.max_num_batched_tokens == 16384 and sizes == sorted(set(sizes))
-    assert all(b <= 1.25 * a for a, b in pairwise(sizes) if a >= 256)  # padding <= 25 %
-
-
-def test_the_largest_graph_can_be_set() -> None:
-    from serve.engine import graph_sizes
-
-    assert graph_sizes(2000)[-3:] == [1536, 1792, 2000]
-    assert graph_sizes(300)[-2:] == [256, 300]
+    assert (args.compilation_config.mode, args.compilation_config.cudagraph_mode.name) == (mode, "FULL")

@@ -614,8 +614,11 @@ async def wait_ready(client: Any, url: str, proc: subprocess.Popen[bytes], timeo
         try:
             if (await client.get(f"{url}/readyz")).status_code == 200:
                 return
+            health = await client.get(f"{url}/healthz")
         except Exception:
-            pass
+            health = None
+        if health is not None and health.status_code == 503:  # start-up failed; the server stays up to say so
+            raise RuntimeError(f"server start-up failed: {health.json()['error']['message']}")
         await asyncio.sleep(1)
     raise RuntimeError("server not ready")
 

@@ -660,7 +660,7 @@ def main() -> None:
     ap.add_argument("--top-k", default="all", help="engine: top-k values to sweep, e.g. all,5,1 (HTTP: the API's 5)")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (petbreed's GPU default) instead of eager")
     ap.add_argument("--torch-compile", action="store_true",
-                    help="with --graphs: torch.compile the language model (vLLM's piecewise graphs; torch_compile)")
+                    help="with --graphs: full graphs of the torch.compiled model (torch_compile)")
     ap.add_argument("--anatomy", type=int, default=0, metavar="N",
                     help="engine: first time each part of one classification N times at concurrency 1 (0: off)")
     ap.add_argument("--compile-vision", action=argparse.BooleanOptionalAction, default=None,

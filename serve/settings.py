@@ -67,9 +67,10 @@ class VllmSettings(BaseModel):
     )
     render_processes: int | None = Field(
         None, ge=0, description="processes that render prompts with images (the image processor and vLLM's "
-        "placeholders) instead of the renderer's threads, which hold the front-end's interpreter lock against its "
-        "event loop (serve/render_pool.py); each loads the processor. 0: the threads. None: 4 with CUDA, 0 on CPU, "
-        "where the model itself needs the cores"
+        "placeholders) that arrive while another renders, instead of the renderer's threads, which hold the "
+        "front-end's interpreter lock against its event loop (serve/render_pool.py); an image alone stays in the "
+        "threads. Each loads the processor. 0: the threads only. None: 4 with CUDA, 0 on CPU, where the model "
+        "itself needs the cores"
     )
     cpu_threads: int | None = Field(
         None, ge=1, description="torch's CPU threads in the front-end and the engine core (OMP_NUM_THREADS, which "

@@ -162,7 +162,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
-                        torch_compile=args.torch_compile)
+                        torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -602,6 +602,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
         env["PETBREED_VLLM__RENDER_PROCESSES"] = str(args.render_processes)
+    if args.graph_max_tokens is not None:
+        env["PETBREED_VLLM__GRAPH_MAX_TOKENS"] = str(args.graph_max_tokens)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -679,6 +681,7 @@ def main() -> None:
     ap.add_argument("--render-processes", type=int, help="render_processes (default: petbreed's, 4 with CUDA)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
+    ap.add_argument("--graph-max-tokens", type=int, help="with --graphs: graph_max_tokens (default: vLLM's 512)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -692,8 +695,8 @@ def main() -> None:
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
-                  compute_bound={b or default: compute_bound(args.model, b or default)
-                                 for b in budgets(args)})
+                  graph_max_tokens=args.graph_max_tokens,
+                  compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -178,7 +178,16 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
         # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
         kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
+        if v.graph_max_tokens is not None:
+            kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(v.graph_max_tokens)
     return AsyncEngineArgs(**kwargs)
+
+
+def graph_sizes(max_tokens: int) -> list[int]:
+    """Engine-step sizes (tokens) to capture up to `max_tokens`: vLLM's own ladder to 512, then
+    sparser, since a step is padded up to the next size and every size costs start-up."""
+    ladder = [1, 2, 4, *range(8, 256, 8), *range(256, 512, 16), *range(512, max_tokens, 128)]
+    return sorted({size for size in ladder if size < max_tokens} | {max_tokens})
 
 
 def _has_cuda() -> bool:

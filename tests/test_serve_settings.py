@@ -53,3 +53,15 @@ def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
     args = engine.engine_args(ServeSettings(vllm=VllmSettings(torch_compile=torch_compile)), str(tiny_model))
     assert not args.enforce_eager
     assert (args.compilation_config.mode, args.compilation_config.cudagraph_mode.name) == (mode, "FULL")
+
+
+def test_graph_max_tokens_sets_the_largest_cuda_graph(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    from serve import engine
+
+    monkeypatch.setattr(engine, "_has_cuda", lambda: True)
+    default = engine.engine_args(ServeSettings(), str(tiny_model)).compilation_config
+    assert not default.cudagraph_capture_sizes  # vLLM's own ladder
+    sizes = engine.engine_args(ServeSettings(vllm=VllmSettings(graph_max_tokens=2500)),
+                               str(tiny_model)).compilation_config.cudagraph_capture_sizes
+    assert sizes == sorted(set(sizes)) and sizes[:3] == [1, 2, 4] and sizes[-1] == 2500
+    assert {304, 512, 1024, 2432} <= set(sizes)

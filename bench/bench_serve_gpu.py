@@ -597,13 +597,12 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
            "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
-           "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower()}
+           "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
+           "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens)}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
         env["PETBREED_VLLM__RENDER_PROCESSES"] = str(args.render_processes)
-    if args.graph_max_tokens is not None:
-        env["PETBREED_VLLM__GRAPH_MAX_TOKENS"] = str(args.graph_max_tokens)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli"], env=env, stdout=sys.stderr, stderr=sys.stderr)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -681,7 +680,8 @@ def main() -> None:
     ap.add_argument("--render-processes", type=int, help="render_processes (default: petbreed's, 4 with CUDA)")
     ap.add_argument("--no-reference", action="store_true", help="engine: petbreed only (e.g. under a profiler)")
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
-    ap.add_argument("--graph-max-tokens", type=int, help="with --graphs: graph_max_tokens (default: vLLM's 512)")
+    ap.add_argument("--graph-max-tokens", type=int, default=VllmSettings().graph_max_tokens,
+                    help="with --graphs: graph_max_tokens (0: vLLM's own sizes, to 512)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -178,8 +178,9 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
         # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
         kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
-        if v.graph_max_tokens is not None:
-            kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(v.graph_max_tokens)
+        if v.graph_max_tokens:
+            largest = min(v.graph_max_tokens, v.max_num_batched_tokens)
+            kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(largest)
     return AsyncEngineArgs(**kwargs)
 
 

@@ -59,8 +59,8 @@ def test_graph_max_tokens_sets_the_largest_cuda_graph(monkeypatch: pytest.Monkey
     from serve import engine
 
     monkeypatch.setattr(engine, "_has_cuda", lambda: True)
-    default = engine.engine_args(ServeSettings(), str(tiny_model)).compilation_config
-    assert not default.cudagraph_capture_sizes  # vLLM's own ladder
+    own = engine.engine_args(ServeSettings(vllm=VllmSettings(graph_max_tokens=0)), str(tiny_model))
+    assert not own.compilation_config.cudagraph_capture_sizes  # vLLM's own ladder
     sizes = engine.engine_args(ServeSettings(vllm=VllmSettings(graph_max_tokens=2500)),
                                str(tiny_model)).compilation_config.cudagraph_capture_sizes
     assert sizes == sorted(set(sizes)) and sizes[:3] == [1, 2, 4] and sizes[-1] == 2500

@@ -188,7 +188,7 @@ def graph_sizes(max_tokens: int) -> list[int]:
     """Engine-step sizes (tokens) to capture up to `max_tokens`: vLLM's own ladder to 512, then
     sparser, since a step is padded up to the next size and every size costs start-up."""
     ladder = [1, 2, 4, *range(8, 256, 8), *range(256, 512, 16), *range(512, max_tokens, 128)]
-    return sorted({size for size in ladder if size < max_tokens} | {max_tokens})
+    return [size for size in ladder if size < max_tokens] + [max_tokens]
 
 
 def _has_cuda() -> bool:

@@ -55,6 +55,8 @@ for s in "$@"; do
              --levels 1,8 --scale 0.3 --image-size 96 --json $OUT/serve_smoke.json" || exit 1 ;;
     vision-tower) step vision-tower 60 "python3 bench/bench_vision_tower.py --config $MODEL/config.json \
              --images ${TOWER_IMAGES:-1,8,32} ${TOWER_FLAGS:-}" ;;
+    tune-lora) step tune-lora 90 "python3 bench/tune_lora_kernels.py --config $MODEL/config.json --rank ${RANK:-16} \
+             --budget-s ${TUNE_S:-240} --out $OUT/lora --json $OUT/tune_lora.json" ;;
     image-copy) step image-copy 60 "python3 bench/bench_image_copy.py --json $OUT/image_copy.json" ;;
     serve-engine) step serve-engine ${NEED:-240} "python3 bench/bench_serve_gpu.py engine --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280,140,70} --anatomy ${ANATOMY:-0} --json $OUT/serve_engine.json" ;;

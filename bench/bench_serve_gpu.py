@@ -162,7 +162,8 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
-                        torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens)
+                        torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
+                        lora_kernel_configs=args.lora_kernel_configs)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -598,7 +599,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
-           "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens)}
+           "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
+           "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null")}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
@@ -682,6 +684,8 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--graph-max-tokens", type=int, default=VllmSettings().graph_max_tokens,
                     help="with --graphs: graph_max_tokens (0: vLLM's own sizes, to 512)")
+    ap.add_argument("--lora-kernel-configs", type=lambda value: Path(value) if value else None,
+                    default=VllmSettings().lora_kernel_configs, help="'': vLLM's default LoRA kernel configurations")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -695,7 +699,7 @@ def main() -> None:
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
-                  graph_max_tokens=args.graph_max_tokens,
+                  graph_max_tokens=args.graph_max_tokens, lora_kernel_configs=str(args.lora_kernel_configs),
                   compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:

@@ -169,7 +169,8 @@ def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], rep
             skip: set[tuple[str, int, int]], progress: Path) -> None:
     """Runs in a child process, since a configuration may fault (see `run_op`). Appends to
     `progress` a line before each candidate is tried and one with its time (None: a wrong result),
-    candidate -1 being vLLM's default. Each projection gets an equal share of the time left.
+    candidate -1 being vLLM's default. Each projection, and within it each token count, gets an
+    equal share of the time left.
     `skip`: (projection, tokens, candidate) already done, and ("", 0, candidate) for candidates
     that faulted once, which are not tried again."""
     runner = OpRunner(op, rank)
@@ -180,7 +181,8 @@ def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], rep
 
         for number, projection in enumerate(groups):
             share = time.monotonic() + (deadline - time.monotonic()) / (len(groups) - number)
-            for count in tokens:
+            for position, count in enumerate(tokens):
+                until = time.monotonic() + (share - time.monotonic()) / (len(tokens) - position)
                 run, out = runner.call(projection, count)
                 runner.choice = None
                 expected = result_of(run, out)
@@ -191,7 +193,7 @@ def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], rep
                     note(**where, candidate=-1, us=timed_us(run, repeat), key=runner.asked, default=runner.default)
                 for index, choice in enumerate(candidates(op, rank)):
                     done = {(projection.name, count, index), ("", 0, index)} & skip
-                    if time.monotonic() > share or done:
+                    if time.monotonic() > until or done:
                         continue
                     note(**where, trying=index)
                     runner.choice = choice
@@ -199,14 +201,14 @@ def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], rep
                     note(**where, candidate=index, us=timed_us(run, repeat) if right else None)
 
 
-def run_op(op: str, rank: int, groups: list[Projection], tokens: list[int], repeat: int, deadline: float,
-           folder: Path) -> list[dict[str, Any]]:
+def run_op(op: str, rank: int, groups: list[Projection], tokens: list[int], repeat: int,
+           deadline: float) -> list[dict[str, Any]]:
     """`tune_op` in child processes: where a candidate faults (vLLM 0.24 has configurations that
     do), its process dies, the candidate is noted as faulting and a new process goes on."""
     import multiprocessing
+    import tempfile
 
-    progress = folder / f"progress_{op}.jsonl"
-    folder.mkdir(parents=True, exist_ok=True)
+    progress = Path(tempfile.mkdtemp()) / f"progress_{op}.jsonl"
     progress.write_text("")
     while True:
         lines = lines_of(progress)
@@ -302,7 +304,7 @@ def main() -> None:
     ops = args.ops.split(",")
     for op in ops:
         op_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(ops) - ops.index(op))
-        lines = run_op(op, args.rank, groups, tokens, args.repeat, op_deadline, args.out)
+        lines = run_op(op, args.rank, groups, tokens, args.repeat, op_deadline)
         op_rows, entries = [], {}
         for projection in groups:
             group_rows, group_entries = best_of(op, args.rank, projection, lines)

@@ -12,7 +12,7 @@ import torch
 
 from serve import engine, vllm_compat
 from serve.engine import raw_pixel_scale, set_vllm_environment
-from serve.settings import ServeSettings, VllmSettings
+from serve.settings import TUNED_LORA_KERNELS, ServeSettings, VllmSettings
 from serve.vllm_compat import (
     COMPILE_VISION_ENV,
     IMAGES_APART_ENV,
@@ -51,7 +51,7 @@ def engine_environment() -> Iterator[None]:
     saved = dict(os.environ)
     for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
                  "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
-                 "OMP_NUM_THREADS"):
+                 "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER"):
         os.environ.pop(name, None)
     yield
     os.environ.clear()
@@ -81,6 +81,48 @@ def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
     set_vllm_environment(settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"
+
+
+@pytest.mark.usefixtures("engine_environment")
+def test_the_tuned_lora_kernels_reach_vllm_unless_the_operator_chose_other_or_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    set_vllm_environment(ServeSettings())
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(TUNED_LORA_KERNELS)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    set_vllm_environment(ServeSettings(vllm=VllmSettings(lora_kernel_configs=None)))
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    set_vllm_environment(ServeSettings())
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(("op", "tokens", "in_out", "slices", "tuned"), [
+    ("expand", 14104, (16, 10240), 2, dict(block_m=64, block_n=128, block_k=16)),  # gate_up, a saturated step
+    ("shrink", 14104, (2560, 16), 3, dict(block_m=128, block_k=128, split_k=1)),  # q, k, v
+    ("shrink", 300, (10240, 16), 1, dict(block_m=64, block_k=256, split_k=8)),  # down, one image
+])
+def test_vllm_finds_the_h200_lora_kernels_for_gemma_4_e4b(
+    monkeypatch: pytest.MonkeyPatch, op: str, tokens: int, in_out: tuple[int, int], slices: int,
+    tuned: dict[str, int],
+) -> None:
+    """The shipped files in vLLM's own format and key order, looked up as the ops do (max_loras 4
+    keeps 5 slots), so an H200 runs the tuned configurations, not vLLM's defaults."""
+    from vllm.lora.ops.triton_ops import utils
+
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_KERNELS))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    k, n = in_out
+    hidden, rank = (n, k) if op == "expand" else (k, n)
+    caches = (utils.load_lora_op_config, utils.get_lora_op_configs)
+    try:
+        for cache in caches:
+            cache.cache_clear()
+        config = utils.get_lora_op_configs(op, 5, tokens, hidden, rank, slices, True if op == "expand" else None)
+    finally:  # no other test sees the H200's configurations
+        for cache in caches:
+            cache.cache_clear()
+    assert tuned.items() <= config.items()
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def engine_environment() -> Iterator[None]:
     saved = dict(os.environ)
     for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
                  "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
-                 "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER"):
+                 "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER", "TRITON_CACHE_DIR"):
         os.environ.pop(name, None)
     yield
     os.environ.clear()
@@ -81,6 +81,17 @@ def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mnt/warm")
     set_vllm_environment(settings)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mnt/warm"
+
+
+@pytest.mark.usefixtures("engine_environment")
+def test_tritons_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mnt/warm")
+    set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
+    assert os.environ["TRITON_CACHE_DIR"] == "/mnt/warm"
 
 
 @pytest.mark.usefixtures("engine_environment")

@@ -159,7 +159,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     from serve.settings import ServeSettings, VllmSettings
 
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
-                        max_lora_rank=16, max_num_seqs=256, gpu_memory_utilization=0.85,
+                        max_lora_rank=args.max_lora_rank, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
@@ -595,7 +595,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_CACHE_DIR": str(cache), "PETBREED_HOST": "127.0.0.1", "PETBREED_PORT": str(port),
            "PETBREED_QUEUE_SIZE": "4096", "PETBREED_POLL_INTERVAL_S": "0", "PETBREED_VLLM__DTYPE": args.dtype,
            "PETBREED_VLLM__ENFORCE_EAGER": str(not args.graphs).lower(), "PETBREED_VLLM__MAX_NUM_SEQS": "256",
-           "PETBREED_VLLM__MAX_LORA_RANK": "16", "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
+           "PETBREED_VLLM__MAX_LORA_RANK": str(args.max_lora_rank),
+           "PETBREED_VLLM__GPU_MEMORY_UTILIZATION": str(round(0.85 / sharing, 3)),
            "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
@@ -684,6 +685,9 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=VllmSettings().max_num_batched_tokens)
     ap.add_argument("--graph-max-tokens", type=int, default=VllmSettings().graph_max_tokens,
                     help="with --graphs: graph_max_tokens (0: vLLM's own sizes, to 512)")
+    ap.add_argument("--max-lora-rank", type=int, default=16,
+                    help="the width of vLLM's LoRA buffers: the bench adapter's rank (training's default r), "
+                         f"not serving's default {VllmSettings().max_lora_rank}, unless asked")
     ap.add_argument("--lora-kernel-configs", type=lambda value: Path(value) if value else None,
                     default=VllmSettings().lora_kernel_configs, help="'': vLLM's default LoRA kernel configurations")
     ap.add_argument("--dtype", default="bfloat16")
@@ -700,6 +704,7 @@ def main() -> None:
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, lora_kernel_configs=str(args.lora_kernel_configs),
+                  max_lora_rank=args.max_lora_rank,
                   compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:

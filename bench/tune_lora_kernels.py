@@ -166,13 +166,13 @@ def timed_us(run: Callable[[], None], repeat: int) -> float:
 
 
 def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], repeat: int, deadline: float,
-            skip: set[tuple[str, int, int]], progress: Path) -> None:
+            done: set[tuple[str, int, int]], faulty: set[int], progress: Path) -> None:
     """Runs in a child process, since a configuration may fault (see `run_op`). Appends to
     `progress` a line before each candidate is tried and one with its time (None: a wrong result),
     candidate -1 being vLLM's default. Each projection, and within it each token count, gets an
     equal share of the time left.
-    `skip`: (projection, tokens, candidate) already done, and ("", 0, candidate) for candidates
-    that faulted once, which are not tried again."""
+    `done`: (projection, tokens, candidate) already in `progress`; `faulty`: candidates that
+    faulted once, which are not tried again."""
     runner = OpRunner(op, rank)
     with progress.open("a") as log:
         def note(**row: Any) -> None:
@@ -189,11 +189,10 @@ def tune_op(op: str, rank: int, groups: list[Projection], tokens: list[int], rep
                 if not runner.asked:
                     raise SystemExit("this vLLM's LoRA ops do not take their configuration from get_lora_op_configs")
                 where = dict(projection=projection.name, tokens=count)
-                if (projection.name, count, -1) not in skip:
+                if (projection.name, count, -1) not in done:
                     note(**where, candidate=-1, us=timed_us(run, repeat), key=runner.asked, default=runner.default)
                 for index, choice in enumerate(candidates(op, rank)):
-                    done = {(projection.name, count, index), ("", 0, index)} & skip
-                    if time.monotonic() > until or done:
+                    if time.monotonic() > until or index in faulty or (projection.name, count, index) in done:
                         continue
                     note(**where, trying=index)
                     runner.choice = choice
@@ -212,10 +211,10 @@ def run_op(op: str, rank: int, groups: list[Projection], tokens: list[int], repe
     progress.write_text("")
     while True:
         lines = lines_of(progress)
-        skip = {(row["projection"], row["tokens"], row.get("candidate", row.get("trying"))) for row in lines}
-        skip |= {("", 0, row["candidate"]) for row in lines if row.get("faulted")}
+        done = {(row["projection"], row["tokens"], row.get("candidate", row.get("trying"))) for row in lines}
+        faulty = {row["candidate"] for row in lines if row.get("faulted")}
         child = multiprocessing.get_context("spawn").Process(
-            target=tune_op, args=(op, rank, groups, tokens, repeat, deadline, skip, progress))
+            target=tune_op, args=(op, rank, groups, tokens, repeat, deadline, done, faulty, progress))
         child.start()
         child.join()
         lines = lines_of(progress)

@@ -49,7 +49,7 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # --ab: other ways of the engine, switched while it runs (ab_variants)
-AB = ("cpu_threads", "image_path", "images_apart", "pixels", "render_processes")
+AB = ("cpu_threads", "image_path", "images_apart", "lora_kernels", "pixels", "render_processes")
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -293,7 +293,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
                 await classifier.classify([image], entry, top_k)
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
-            variants = ab_variants(classifier, args.ab, args.graph_images)
+            variants = ab_variants(classifier, args)
             rows += await sweep(name, in_process(petbreed), images, levels, requests_for(args), seed0, variants)
             seed0 += 1_000_000
 
@@ -326,10 +326,12 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
 
 
-def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
+def ab_ways(name: str, args: argparse.Namespace) -> tuple[str, dict[str, tuple[Any, ...]]]:
     """A worker method and, per way, the suffix its rows carry and the method's arguments. The first
-    way ("") is the engine's as started (`graphs`: its vision_graph_images); the second is the
-    tower's graphs off, or on for single images if the engine started without them."""
+    way ("") is the engine's as started (for image_path, `graphs`: its vision_graph_images, then the
+    tower's graphs off, or on for single images if the engine started without them; for
+    lora_kernels, its --lora-kernel-configs, then vLLM's defaults in the steps that run eagerly)."""
+    graphs, kernels = args.graph_images, args.lora_kernel_configs
     other_graphs = ("_no_graphs", (True, 0)) if graphs else ("_graphs_1", (True, 1))
     ways: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
         "images_apart": ("petbreed_batch_images_on_cpu", {"": (True,), "_images_apart": (False,)}),
@@ -337,15 +339,18 @@ def ab_ways(name: str, graphs: int) -> tuple[str, dict[str, tuple[Any, ...]]]:
         "cpu_threads": ("petbreed_cpu_threads", {"": (1,), "_all_cores": (os.cpu_count(),)}),
         "image_path": ("petbreed_image_path", {"": (True, graphs), other_graphs[0]: other_graphs[1],
                                                "_vllm_image_path": (False, 0)}),
+        "lora_kernels": ("petbreed_lora_kernel_configs", {"": (kernels and str(kernels.resolve()),),
+                                                          "_vllm_lora_kernels": (None,)}),
     }
     return ways[name]
 
 
-def ab_variants(classifier: Any, other: str | None, graphs: int) -> Variants | None:
-    """The ways of `other` (a key of AB): for "pixels", 8-bit pixels (the default) or the image
+def ab_variants(classifier: Any, args: argparse.Namespace) -> Variants | None:
+    """The ways of --ab (a key of AB): for "pixels", 8-bit pixels (the default) or the image
     processor's floats, and for "render_processes", prompts rendered in the render processes (the
     default with CUDA) or in vLLM's renderer threads, both chosen per request; for the others,
     switched in the engine's workers."""
+    other = args.ab
     if other is None:
         return None
     if other == "pixels":
@@ -354,12 +359,12 @@ def ab_variants(classifier: Any, other: str | None, graphs: int) -> Variants | N
     if other == "render_processes":
         return {"": _set(classifier, "render_pool", classifier.render_pool),
                 "_renderer_threads": _set(classifier, "render_pool", None)}
-    method, ways = ab_ways(other, graphs)
+    method, ways = ab_ways(other, args)
 
-    def switch(args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
-        return lambda: classifier.engine.collective_rpc(method, args=args)
+    def switch(method_args: tuple[Any, ...]) -> Callable[[], Awaitable[Any]]:
+        return lambda: classifier.engine.collective_rpc(method, args=method_args)
 
-    return {suffix: switch(args) for suffix, args in ways.items()}
+    return {suffix: switch(method_args) for suffix, method_args in ways.items()}
 
 
 def _set(classifier: Any, field: str, value: Any) -> Callable[[], Awaitable[None]]:
@@ -673,7 +678,8 @@ def main() -> None:
                     help="engine: first record three windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
-                    "pixels (the processor's floats instead of 8-bit pixels), cpu_threads (the engine core's "
+                    "pixels (the processor's floats instead of 8-bit pixels), lora_kernels (vLLM's default LoRA kernel "
+                    "configurations at saturation instead of --lora-kernel-configs), cpu_threads (the engine core's "
                     "torch threads on every core instead of 1), render_processes (vLLM's renderer threads "
                     "instead of processes)")
     ap.add_argument("--graph-images", type=int, default=VllmSettings().vision_graph_images,

@@ -96,6 +96,21 @@ class PetbreedWorkerExtension:
         stacks each step's images (`cpu_threads` sets them at start)."""
         torch.set_num_threads(threads)
 
+    def petbreed_lora_kernel_configs(self, folder: str | None) -> None:
+        """vLLM's LoRA kernel configurations from `folder` (its VLLM_TUNED_CONFIG_FOLDER), or its
+        defaults with None, for steps that run eagerly from now on: CUDA graphs keep the kernels
+        they captured. vLLM caches the variable (after start-up) and each config it has looked up."""
+        from vllm import envs
+        from vllm.lora.ops.triton_ops import utils
+
+        if folder is None:
+            os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+        else:
+            os.environ["VLLM_TUNED_CONFIG_FOLDER"] = folder
+        getattr(envs.__getattr__, "cache_clear", lambda: None)()
+        utils.load_lora_op_config.cache_clear()
+        utils.get_lora_op_configs.cache_clear()
+
 
 def _gemma4_class() -> Any:
     """vLLM's Gemma 4 multimodal model class; None in a vLLM without it (nothing to change)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,32 +109,66 @@ def test_the_tuned_lora_kernels_reach_vllm_unless_the_operator_chose_other_or_no
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
 
 
-@pytest.mark.parametrize(("op", "tokens", "in_out", "slices", "tuned"), [
-    ("expand", 14104, (16, 10240), 2, dict(block_m=64, block_n=128, block_k=16)),  # gate_up, a saturated step
-    ("shrink", 14104, (2560, 16), 3, dict(block_m=128, block_k=128, split_k=1)),  # q, k, v
-    ("shrink", 300, (10240, 16), 1, dict(block_m=64, block_k=256, split_k=8)),  # down, one image
-])
-def test_vllm_finds_the_h200_lora_kernels_for_gemma_4_e4b(
-    monkeypatch: pytest.MonkeyPatch, op: str, tokens: int, in_out: tuple[int, int], slices: int,
-    tuned: dict[str, int],
-) -> None:
-    """The shipped files in vLLM's own format and key order, looked up as the ops do (max_loras 4
-    keeps 5 slots), so an H200 runs the tuned configurations, not vLLM's defaults."""
+@pytest.fixture
+def on_an_h200(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """vLLM's LoRA config lookup as on an H200, with the shipped files; no other test sees them."""
     from vllm.lora.ops.triton_ops import utils
 
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_KERNELS))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    caches = (utils.load_lora_op_config, utils.get_lora_op_configs)
+    for cache in caches:
+        cache.cache_clear()
+    yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+def looked_up(op: str, tokens: int, in_out: tuple[int, int], slices: int) -> dict[str, Any]:
+    """The config vLLM's `op` uses for a projection of `in_out` features at `tokens` tokens, looked
+    up as the ops do (max_loras 4 keeps 5 slots)."""
+    from vllm.lora.ops.triton_ops import utils
+
     k, n = in_out
     hidden, rank = (n, k) if op == "expand" else (k, n)
-    caches = (utils.load_lora_op_config, utils.get_lora_op_configs)
+    return utils.get_lora_op_configs(op, 5, tokens, hidden, rank, slices, True if op == "expand" else None)
+
+
+GATE_UP_SATURATED = ("expand", 14104, (16, 10240), 2)
+
+
+@pytest.mark.usefixtures("on_an_h200")
+@pytest.mark.parametrize(("projection", "tuned"), [
+    (GATE_UP_SATURATED, dict(block_m=64, block_n=128, block_k=16)),
+    (("shrink", 14104, (2560, 16), 3), dict(block_m=128, block_k=128, split_k=1)),  # q, k, v
+    (("shrink", 300, (10240, 16), 1), dict(block_m=64, block_k=256, split_k=8)),  # down, one image
+])
+def test_vllm_finds_the_h200_lora_kernels_for_gemma_4_e4b(
+    projection: tuple[str, int, tuple[int, int], int], tuned: dict[str, int]
+) -> None:
+    """The shipped files are in vLLM's own format and key order, so an H200 runs the tuned
+    configurations, not vLLM's defaults."""
+    assert tuned.items() <= looked_up(*projection).items()
+
+
+@pytest.mark.usefixtures("on_an_h200")
+def test_a_running_engine_switches_between_the_tuned_and_vllms_lora_kernels() -> None:
+    """What `bench_serve_gpu.py --ab lora_kernels` relies on: the worker method reaches past vLLM's
+    caches, which its engine core fills once it has started."""
+    from vllm import envs
+
+    tuned = looked_up(*GATE_UP_SATURATED)
+    worker = PetbreedWorkerExtension()
+    envs.enable_envs_cache()
     try:
-        for cache in caches:
-            cache.cache_clear()
-        config = utils.get_lora_op_configs(op, 5, tokens, hidden, rank, slices, True if op == "expand" else None)
-    finally:  # no other test sees the H200's configurations
-        for cache in caches:
-            cache.cache_clear()
-    assert tuned.items() <= config.items()
+        worker.petbreed_lora_kernel_configs(None)
+        default = looked_up(*GATE_UP_SATURATED)
+        worker.petbreed_lora_kernel_configs(str(TUNED_LORA_KERNELS))
+        again = looked_up(*GATE_UP_SATURATED)
+    finally:
+        envs.disable_envs_cache()
+    assert default != tuned and default["block_n"] != 128
+    assert again == tuned
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
         # do, e.g. on a volume mounted at the cache folder, not in /tmp.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.cache_dir.resolve() / "inductor")
     # Triton compiles each LoRA kernel configuration the first time a step of its size runs eagerly
-    # (H200, tuned configurations: a fresh server's first saturated level 55.6 instead of 100 img/s);
+    # (H200, tuned configurations: a fresh server's first saturated level 55.6-58.0 instead of 83-84 img/s);
     # its cache keeps them for the next start on the same terms. Unset, it is in the home folder.
     os.environ.setdefault("TRITON_CACHE_DIR", str(settings.cache_dir.resolve() / "triton"))
     # Not user-facing variables (the settings are): they carry the settings to the spawned workers.

@@ -39,10 +39,12 @@ class VllmSettings(BaseModel):
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
     max_num_seqs: int | None = Field(None, ge=1)
     lora_kernel_configs: Path | None = Field(
-        TUNED_LORA_KERNELS, description="folder of LoRA kernel configurations for vLLM (VLLM_TUNED_CONFIG_FOLDER, "
-        "which wins if set); vLLM takes the files named for its GPU and keeps its defaults elsewhere. petbreed's "
-        "are the H200's for Gemma 4 E4B's projections (bench/tune_lora_kernels.py): at a 16,384-token step 1.59x "
-        "faster expand and 1.68x shrink kernels. None: vLLM's defaults"
+        None, description="folder of LoRA kernel configurations for vLLM (VLLM_TUNED_CONFIG_FOLDER, which wins if "
+        "set); vLLM takes the files named for its GPU and keeps its defaults elsewhere. None: vLLM's defaults. "
+        "petbreed's folder serve/lora_kernel_configs holds the H200's for Gemma 4 E4B (bench/tune_lora_kernels.py): "
+        "1.59x faster expand and 1.68x shrink kernels at a 16,384-token step, but on one H200 engine 0-5 percent "
+        "more saturated throughput, while Triton compiling them made a fresh server's first saturated load 30 "
+        "percent slower"
     )
     graph_max_tokens: int = Field(
         1024, ge=0, description="with CUDA graphs: the largest engine step (tokens) captured in a graph, 3 images at "

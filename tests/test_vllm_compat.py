@@ -96,16 +96,16 @@ def test_tritons_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
 
 
 @pytest.mark.usefixtures("engine_environment")
-def test_the_tuned_lora_kernels_reach_vllm_unless_the_operator_chose_other_or_none(
+def test_lora_kernel_configs_reach_vllm_only_when_chosen_and_the_operators_variable_wins(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     set_vllm_environment(ServeSettings())
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ  # vLLM's defaults
+    tuned = ServeSettings(vllm=VllmSettings(lora_kernel_configs=TUNED_LORA_KERNELS))
+    set_vllm_environment(tuned)
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(TUNED_LORA_KERNELS)
-    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
-    set_vllm_environment(ServeSettings(vllm=VllmSettings(lora_kernel_configs=None)))
-    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
-    set_vllm_environment(ServeSettings())
+    set_vllm_environment(tuned)
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
 
 

@@ -699,11 +699,13 @@ def main() -> None:
                          f"not serving's default {VllmSettings().max_lora_rank}, unless asked")
     ap.add_argument("--lora-kernel-configs", type=lambda value: Path(value) if value else None,
                     default=VllmSettings().lora_kernel_configs,
-                    help="folder of LoRA kernel configurations, e.g. serve/lora_kernel_configs (default: petbreed's, "
-                         "vLLM's own; '': vLLM's own)")
+                    help="folder of LoRA kernel configurations, e.g. serve/lora_kernel_configs (default or '': "
+                         "vLLM's own)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.ab == "lora_kernels" and args.lora_kernel_configs is None:
+        ap.error("--ab lora_kernels compares --lora-kernel-configs FOLDER with vLLM's own: give the folder")
     if args.torch_profile:
         args.torch_profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

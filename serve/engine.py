@@ -47,6 +47,7 @@ from serve.vllm_compat import (
     GRAPH_IMAGES_ENV,
     IMAGES_APART_ENV,
     PIXEL_SCALE_ENV,
+    TUNED_CONFIG_ENV,
     tower_lora_supported,
     uint8_pixels_supported,
 )
@@ -80,7 +81,7 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm.cpu_kvcache_space_gib))
     _limit_cpu_threads(settings.vllm.cpu_threads)
     if settings.vllm.lora_kernel_configs is not None:
-        os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(settings.vllm.lora_kernel_configs.resolve()))
+        os.environ.setdefault(TUNED_CONFIG_ENV, str(settings.vllm.lora_kernel_configs.resolve()))
     # The engine may be built off the main thread (so /healthz answers during start-up); forking
     # a threaded process is unsafe, so the engine core is spawned. Entry points have a main guard.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

@@ -68,6 +68,7 @@ COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
 GRAPH_IMAGES_ENV = "PETBREED_VISION_GRAPH_IMAGES"
 PIXEL_SCALE_ENV = "PETBREED_PIXEL_SCALE"
+TUNED_CONFIG_ENV = "VLLM_TUNED_CONFIG_FOLDER"  # vLLM's own: where it looks for LoRA kernel configurations
 
 # Read in the worker process; the worker methods below change them on a running engine.
 _images_apart = os.environ.get(IMAGES_APART_ENV) == "1"
@@ -104,9 +105,9 @@ class PetbreedWorkerExtension:
         from vllm.lora.ops.triton_ops import utils
 
         if folder is None:
-            os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+            os.environ.pop(TUNED_CONFIG_ENV, None)
         else:
-            os.environ["VLLM_TUNED_CONFIG_FOLDER"] = folder
+            os.environ[TUNED_CONFIG_ENV] = folder
         getattr(envs.__getattr__, "cache_clear", lambda: None)()
         utils.load_lora_op_config.cache_clear()
         utils.get_lora_op_configs.cache_clear()

@@ -50,6 +50,7 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # --ab: other ways of the engine, switched while it runs (ab_variants)
 AB = ("cpu_threads", "image_path", "images_apart", "lora_kernels", "pixels", "render_processes")
+ANSWER_SEEDS = 900_000_000  # --answers: the first fixed image's seed
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
 
@@ -141,6 +142,7 @@ async def sweep(name: str, load: Load, make: Callable[[int], Any], levels: list[
     for switch in reversed(variants.values()):  # ends on the default
         await switch()
         for concurrency, requests in sorted({(1, 2), (min(8, top), 8), (top, max(8, top))}):
+            progress(f"{name}: warm-up, {requests} requests {concurrency} at a time")
             await measure(load, make, concurrency, requests, seed)
             seed += requests  # new images: a cached image's soft tokens would skip the tower
     for level in levels:
@@ -166,7 +168,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
-                        lora_kernel_configs=args.lora_kernel_configs)
+                        lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -285,6 +287,8 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         result["anatomy"] = await anatomy(args, state, images)
     if args.torch_profile:
         result["torch_profile_windows_s"] = await torch_profiles(args, state, images)
+    if args.answers:
+        result["answers"] = await answers(args, engine, entry, images)
     rows = []
     # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
     seed0 = 0
@@ -327,6 +331,15 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         print(json.dumps(rows[-1]), flush=True)
     ours = rows[0]["way"]  # a sweep's first way is petbreed's default
     return {**result, "rows": rows, "gpu_memory_gib": gpu_memory_gib(), "ratios": ratios(rows, levels, ours)}
+
+
+async def answers(args: argparse.Namespace, engine: Any, entry: Any, images: Images) -> list[list[float]]:
+    """The whole label distribution of N fixed images at the first budget, one at a time:
+    bench/compare_answers.py compares two runs' (e.g. fp8 against bf16 weights). Their seeds lie
+    far from the sweeps', whose images must be new to the engine."""
+    classifier = replace(engine, soft_tokens=budgets(args)[0])
+    return [[round(p, 5) for p in (await classifier.classify([images(seed)], entry))[0]]
+            for seed in range(ANSWER_SEEDS, ANSWER_SEEDS + args.answers)]
 
 
 def ab_ways(name: str, args: argparse.Namespace) -> tuple[str, dict[str, tuple[Any, ...]]]:
@@ -702,6 +715,10 @@ def main() -> None:
                     help="folder of LoRA kernel configurations, e.g. serve/lora_kernel_configs (default or '': "
                          "vLLM's own)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", help="quantization: vLLM's online quantization of the language model, "
+                    "e.g. fp8_per_channel (default: none)")
+    ap.add_argument("--answers", type=int, default=0, metavar="N",
+                    help="engine: first record the label distribution of N fixed images (bench/compare_answers.py)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.ab == "lora_kernels" and args.lora_kernel_configs is None:
@@ -717,6 +734,7 @@ def main() -> None:
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
+                  quantization=args.quantization,
                   lora_kernel_configs=args.lora_kernel_configs and str(args.lora_kernel_configs),
                   compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))

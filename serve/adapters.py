@@ -23,8 +23,9 @@ from adapter_contract.storage import StorageError
 
 log = logging.getLogger("petbreed.serve.adapters")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# LoRA weights outside the language model: Gemma 4's vision/audio towers and their projectors.
-_TOWER = re.compile(r"\.(vision_tower|embed_vision|audio_tower|embed_audio)\.")
+# Gemma 4's modules outside the language model: the vision/audio towers and their projectors.
+TOWER_MODULES = r"(vision_tower|embed_vision|audio_tower|embed_audio)\."
+_TOWER = re.compile(r"\." + TOWER_MODULES)
 
 
 @dataclass(frozen=True)

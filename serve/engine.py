@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from adapter_contract.labels import BranchNode
-from serve.adapters import AdapterEntry
+from serve.adapters import TOWER_MODULES, AdapterEntry
 from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
 from serve.settings import ServeSettings
@@ -160,7 +160,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     eager = v.enforce_eager if v.enforce_eager is not None else not _has_cuda()
     kwargs: dict[str, Any] = dict(
         model=model_path, dtype=v.dtype, enforce_eager=eager, max_model_len=v.max_model_len,
-        max_num_batched_tokens=v.max_num_batched_tokens,
+        quantization=v.quantization, max_num_batched_tokens=v.max_num_batched_tokens,
         limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=True, max_loras=v.max_loras,
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
@@ -174,6 +174,10 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Runs serve/vllm_compat.py in the worker processes: petbreed's changes to vLLM's Gemma 4.
         worker_extension_cls="serve.vllm_compat.PetbreedWorkerExtension",
     )
+    if v.quantization is not None:
+        # Only the language model: transformers' vision tower casts pixels to its first linear
+        # layer's weight dtype, which quantized is fp8 (vLLM 0.24 crashed starting so on an H200).
+        kwargs["quantization_config"] = {"ignore": [f"re:(.*\\.)?{TOWER_MODULES}"]}
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs
     if v.max_soft_tokens is not None:

@@ -9,7 +9,7 @@ or CUDA) is whatever vLLM build is installed, never a code path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,12 @@ class VllmSettings(BaseModel):
     torch_compile: bool = Field(
         False, description="with CUDA graphs: full graphs of the torch.compiled model (minutes of start-up; steps "
         "too large for a graph run compiled too) instead of the eager model's (seconds)"
+    )
+    quantization: Literal["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"] | None = Field(
+        None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "
+        "(Hopper and newer); fp8_per_channel scales activations per token, as llmcompressor's FP8_DYNAMIC. The "
+        "towers and adapters stay bf16. Faster matrix multiplies at some cost in agreement with the bf16 model the "
+        "adapter was trained on (docs/performance.md). None: the checkpoint's weights as they are"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "

@@ -65,3 +65,22 @@ def test_graph_max_tokens_sets_the_largest_cuda_graph(monkeypatch: pytest.Monkey
                                str(tiny_model)).compilation_config.cudagraph_capture_sizes
     assert sizes == sorted(set(sizes)) and sizes[:3] == [1, 2, 4] and sizes[-1] == 2500
     assert {304, 512, 1024, 2432} <= set(sizes)
+
+
+def test_fp8_quantizes_the_language_model_and_leaves_the_towers_in_bf16(tiny_model: Path) -> None:
+    # What vLLM's online quantization asks of each linear layer's name.
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+
+    from serve import engine
+
+    assert engine.engine_args(ServeSettings(), str(tiny_model)).quantization is None
+    args = engine.engine_args(ServeSettings(vllm=VllmSettings(quantization="fp8_per_channel")), str(tiny_model))
+    assert args.quantization == "fp8_per_channel" and args.quantization_config.linear is not None
+    ignore = args.quantization_config.ignore  # resolved by vLLM with the shorthand
+    for tower in ("vision_tower.encoder.layers.0.mlp.up_proj.linear", "vision_tower.patch_embedder.input_proj",
+                  "model.embed_vision.embedding_projection", "audio_tower.layers.3.ffw.linear"):
+        assert should_ignore_layer(tower, ignore), tower
+    for language in ("language_model.model.layers.0.mlp.gate_up_proj", "language_model.layers.7.self_attn.qkv_proj"):
+        assert not should_ignore_layer(language, ignore), language
+    with pytest.raises(ValidationError, match="quantization"):
+        VllmSettings(quantization="int4")  # type: ignore[arg-type]

@@ -11,12 +11,14 @@
 # calls: the `cache-out` step packs it into $OUT/inductor.tar.xz (2.1 MB for the E4B tower); copy
 # that to .carry/ and the next call's `setup` unpacks it (engine init 84-100 s instead of 188 s).
 # A call carries at most 64 MiB: carry [".carry/pkg", ".carry/wheels", ".carry/inductor.tar.xz"]
-# with py-spy's wheel moved out of .carry/wheels unless the call runs serve-spy.
+# with py-spy's wheel moved out of .carry/wheels unless the call runs serve-spy. With
+# --torch-compile vLLM's own cache joins it: 7.6 MB packed (171 MB on disk), too much beside the pack.
 set -uo pipefail
 T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
 export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-export TORCHINDUCTOR_CACHE_DIR=/root/inductor
+# vLLM's own compile cache (torch_compile: the compiled language model) travels with inductor's.
+export TORCHINDUCTOR_CACHE_DIR=/root/inductor VLLM_CACHE_ROOT=/root/inductor/vllm
 MODEL=/root/models/e4b DATA=/root/data/pets448
 # e.g. SERVE_FLAGS="--graphs --scale 0.5 --top-k all,5", ANATOMY=20 (serve-engine: one classification's parts)
 SERVE_FLAGS=${SERVE_FLAGS:-}

@@ -176,7 +176,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     )
     if v.quantization is not None:
         # Only the language model: transformers' vision tower casts pixels to its first linear
-        # layer's weight dtype, which quantized is fp8 (vLLM 0.24 crashed starting so on an H200).
+        # layer's weight dtype, fp8 once quantized (vLLM 0.24's plain fp8 died so at start-up).
         kwargs["quantization_config"] = {"ignore": [f"re:(.*\\.)?{TOWER_MODULES}"]}
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs

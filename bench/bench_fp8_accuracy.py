@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,15 +38,11 @@ def fp8_rounded(x: torch.Tensor) -> torch.Tensor:
 
 def round_language_model(model: Any) -> int:
     """Rounds every linear layer of the language model that vLLM would quantize (the base layers
-    under the adapter; not LoRA's own, nor the towers), weights now and inputs on each call."""
-    from serve.adapters import TOWER_MODULES
-
-    tower = re.compile(r"(^|\.)" + TOWER_MODULES)
+    under the adapter, not LoRA's own; the towers lie outside `language_model`), weights now and
+    inputs on each call."""
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or "language_model" not in name or "lora_" in name:
-            continue
-        if tower.search(name + "."):
             continue
         with torch.no_grad():
             module.weight.copy_(fp8_rounded(module.weight))

@@ -198,8 +198,11 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
 
 def _graph_mode(v: VllmSettings) -> str:
     """vLLM's cudagraph_mode. Fast prefill builds each step's attention metadata for the KV-shared
-    layers afresh, which a full graph would replay stale: steps with a prompt then run eagerly."""
-    return "FULL_DECODE_ONLY" if v.fast_prefill else "FULL"
+    layers afresh, which a full graph would replay stale: steps with a prompt then stay out of full
+    graphs (piecewise graphs leave attention outside)."""
+    if not v.fast_prefill:
+        return "FULL"
+    return "PIECEWISE" if v.torch_compile else "FULL_DECODE_ONLY"
 
 
 def graph_sizes(max_tokens: int) -> list[int]:

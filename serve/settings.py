@@ -39,8 +39,8 @@ class VllmSettings(BaseModel):
     fast_prefill: bool = Field(
         False, description="vLLM's kv_sharing_fast_prefill: Gemma 4's KV-shared layers (its last num_kv_shared_layers, "
         "18 of E4B's 42) run only on the one position per prompt that is answered, not on the image's tokens. "
-        "Every engine step with a prompt then runs eagerly (vLLM captures no CUDA graph of it), so it trades "
-        "latency at low concurrency for throughput (docs/performance.md). Not with torch_compile"
+        "Every engine step with a prompt then runs eagerly (vLLM captures no CUDA graph of it; torch_compile "
+        "keeps piecewise ones), so it trades latency at low concurrency for throughput (docs/performance.md)"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "
@@ -121,14 +121,6 @@ class VllmSettings(BaseModel):
         "trained with (fewer is faster and may cost accuracy: docs/performance.md); None: each adapter's own, "
         "or the model's default for manifests that name none"
     )
-
-
-    @model_validator(mode="after")
-    def _fast_prefill_runs_eagerly(self) -> Self:
-        # A compiled graph keeps the LoRA wrapper it was traced with; petbreed switches it per step.
-        if self.fast_prefill and self.torch_compile:
-            raise ValueError("fast_prefill does not work with torch_compile: choose one")
-        return self
 
 
 def _env(name: str, *platform: str) -> AliasChoices:

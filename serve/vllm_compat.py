@@ -54,9 +54,8 @@ layers (18 of E4B's 42), which reuse earlier layers' KV, run only on the tokens 
 asked for: a classification needs one position per prompt, so for a 300-token image prompt those
 layers do almost no work. vLLM's LoRA layers there still receive the whole step's token-to-adapter
 mapping, sized for every token, and its kernels fail on the shorter input. `_patch_fast_prefill_lora`
-gives those layers a second LoRA wrapper, which maps each answered position to its adapter. Both are
-updated before the step; one updated inside the forward pass would wait for the GPU there (a
-first version did, and on an H200 gained nothing saturated).
+gives those layers the mapping of the tokens they run on, through the LoRA wrapper's own
+`update_metadata`, and puts the whole step's back afterwards.
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -64,10 +63,11 @@ built, which is the only hook (without packaging a plugin) that runs code in tho
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -250,31 +250,23 @@ def _patch_fast_prefill_lora() -> None:
         from vllm.model_executor.models import gemma4
     except ImportError:
         return
-    update = _unpatched(PunicaWrapperBase, "_update_base_metadata")
+    record = _unpatched(PunicaWrapperBase, "_update_base_metadata")
     run = _unpatched(getattr(gemma4, "Gemma4CrossDecoderLayers", None), "__call__")
-    if update is None or run is None:
+    if record is None or run is None:
         return
 
     def _update_base_metadata(self: Any, mapping: Any, *args: Any) -> Any:
-        self._petbreed_mapping = (mapping, args)
-        answers = getattr(self, "_petbreed_answers", None)
-        if answers is not None:
-            _map_answers(answers, mapping, args)
-        return update(self, mapping, *args)
+        self._petbreed_mapping = (mapping, args)  # what the layers' LoRA mapping was built from
+        return record(self, mapping, *args)
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _map_lora_layers(self, answers_only=_fast_prefill_tokens(self.decoder_layers) is not None)
-        return run(self, *args, **kwargs)
+        with _lora_mapping_of(_lora_wrapper(self.decoder_layers), _fast_prefill_tokens(self.decoder_layers)):
+            return run(self, *args, **kwargs)
 
     _update_base_metadata._petbreed_patched = True  # type: ignore[attr-defined]
     __call__._petbreed_patched = True  # type: ignore[attr-defined]
     setattr(PunicaWrapperBase, "_update_base_metadata", _update_base_metadata)  # noqa: B010 (mypy: a method)
     setattr(gemma4.Gemma4CrossDecoderLayers, "__call__", __call__)  # noqa: B010
-
-
-def _map_answers(answers: Any, mapping: Any, args: tuple[Any, ...]) -> None:
-    # vLLM's mapping of each sampled token has one entry per answered position, in their order.
-    answers.update_metadata(replace(mapping, index_mapping=mapping.prompt_mapping), *args)
 
 
 def _fast_prefill_tokens(layers: list[Any]) -> torch.Tensor | None:
@@ -288,23 +280,26 @@ def _fast_prefill_tokens(layers: list[Any]) -> torch.Tensor | None:
     return getattr(metadata.get(layers[-1].self_attn.attn.layer_name), "logits_indices_padded", None)
 
 
-def _map_lora_layers(cross_decoder: Any, answers_only: bool) -> None:
-    """Point the LoRA layers of the KV-shared layers at a wrapper mapping only the answered positions
-    to their adapters, or back at vLLM's own for every token. That second wrapper is a copy of
-    vLLM's, updated along with it before each step, so switching costs no wait for the GPU."""
-    found = getattr(cross_decoder, "_petbreed_lora", None)
-    if found is None:
-        layers = [m for layer in cross_decoder.decoder_layers for m in layer.modules() if hasattr(m, "punica_wrapper")]
-        every_token = layers[0].punica_wrapper if layers else None
-        answers = copy.deepcopy(every_token)
-        if every_token is not None:
-            every_token._petbreed_answers = answers
-            if hasattr(every_token, "_petbreed_mapping"):  # this step's, set before the link existed
-                _map_answers(answers, *every_token._petbreed_mapping)
-        cross_decoder._petbreed_lora = found = (layers, every_token, answers)
-    layers, every_token, answers = found
-    for layer in layers:
-        layer.punica_wrapper = answers if answers_only else every_token
+def _lora_wrapper(layers: list[Any]) -> Any:
+    """The LoRA wrapper (vLLM's punica wrapper) of these layers' adapters; None without LoRA."""
+    return next((m.punica_wrapper for layer in layers for m in layer.modules() if hasattr(m, "punica_wrapper")),
+                None)
+
+
+@contextmanager
+def _lora_mapping_of(wrapper: Any, tokens: torch.Tensor | None) -> Iterator[None]:
+    """The LoRA layers map only `tokens` of the step to their adapters while this is open."""
+    state = getattr(wrapper, "_petbreed_mapping", None)
+    if tokens is None or state is None:
+        yield
+        return
+    mapping, args = state
+    per_token = mapping.index_mapping
+    wrapper.update_metadata(replace(mapping, index_mapping=tuple(per_token[i] for i in tokens.tolist())), *args)
+    try:
+        yield
+    finally:
+        wrapper.update_metadata(mapping, *args)
 
 
 _patch_gemma4_tower_lora_budget()

@@ -55,17 +55,19 @@ def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
     assert (args.compilation_config.mode, args.compilation_config.cudagraph_mode.name) == (mode, "FULL")
 
 
-def test_with_fast_prefill_no_full_graph_holds_a_prompt(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+@pytest.mark.parametrize(("torch_compile", "graphs"), [(False, "FULL_DECODE_ONLY"), (True, "PIECEWISE")])
+def test_with_fast_prefill_no_full_graph_holds_a_prompt(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, torch_compile: bool, graphs: str
+) -> None:
     """A full graph would replay the KV-shared layers' attention metadata of its capture."""
     from serve import engine
 
     monkeypatch.setattr(engine, "_has_cuda", lambda: True)
-    args = engine.engine_args(ServeSettings(vllm=VllmSettings(fast_prefill=True)), str(tiny_model))
+    settings = ServeSettings(vllm=VllmSettings(fast_prefill=True, torch_compile=torch_compile))
+    args = engine.engine_args(settings, str(tiny_model))
     assert args.kv_sharing_fast_prefill
-    assert args.compilation_config.cudagraph_mode.name == "FULL_DECODE_ONLY"
+    assert args.compilation_config.cudagraph_mode.name == graphs
     assert not engine.engine_args(ServeSettings(), str(tiny_model)).kv_sharing_fast_prefill
-    with pytest.raises(ValidationError, match="fast_prefill does not work with torch_compile"):
-        VllmSettings(fast_prefill=True, torch_compile=True)
 
 
 def test_graph_max_tokens_sets_the_largest_cuda_graph(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:

@@ -168,8 +168,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
-                        lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization,
-                        fast_prefill=args.fast_prefill)
+                        lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, vllm=vllm)
 
@@ -623,9 +622,7 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
            "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
-           "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null"),
-           "PETBREED_VLLM__QUANTIZATION": args.quantization or "null",
-           "PETBREED_VLLM__FAST_PREFILL": str(args.fast_prefill).lower()}
+           "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null")}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
@@ -720,8 +717,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", help="quantization: vLLM's online quantization of the language model, "
                     "e.g. fp8_per_channel (default: none)")
-    ap.add_argument("--fast-prefill", action="store_true",
-                    help="fast_prefill: the KV-shared layers only on the answered positions (steps with prompts eager)")
     ap.add_argument("--answers", type=int, default=0, metavar="N",
                     help="engine: first record the label distribution of N fixed images (bench/compare_answers.py)")
     ap.add_argument("--json", type=Path)
@@ -739,7 +734,7 @@ def main() -> None:
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
-                  quantization=args.quantization, fast_prefill=args.fast_prefill,
+                  quantization=args.quantization,
                   lora_kernel_configs=args.lora_kernel_configs and str(args.lora_kernel_configs),
                   compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))

@@ -41,7 +41,7 @@ from adapter_contract.labels import BranchNode
 from serve.adapters import TOWER_MODULES, AdapterEntry
 from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
-from serve.settings import ServeSettings, VllmSettings
+from serve.settings import ServeSettings
 from serve.vllm_compat import (
     COMPILE_VISION_ENV,
     GRAPH_IMAGES_ENV,
@@ -166,7 +166,6 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
         enable_tower_connector_lora=tower_lora(settings),
-        kv_sharing_fast_prefill=v.fast_prefill,
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
         # The classifier processes each image once for all its requests (`VllmClassifier.render`), so
@@ -189,20 +188,11 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Full CUDA graphs: one ~300-token prefill at batch 1 is launch-bound in eager mode. Of the
         # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
         # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
-        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": _graph_mode(v)}
+        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
         if v.graph_max_tokens:
             largest = min(v.graph_max_tokens, v.max_num_batched_tokens)
             kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(largest)
     return AsyncEngineArgs(**kwargs)
-
-
-def _graph_mode(v: VllmSettings) -> str:
-    """vLLM's cudagraph_mode. Fast prefill builds each step's attention metadata for the KV-shared
-    layers afresh, which a full graph would replay stale: steps with a prompt then stay out of full
-    graphs (piecewise graphs leave attention outside)."""
-    if not v.fast_prefill:
-        return "FULL"
-    return "PIECEWISE" if v.torch_compile else "FULL_DECODE_ONLY"
 
 
 def graph_sizes(max_tokens: int) -> list[int]:

@@ -36,12 +36,6 @@ class VllmSettings(BaseModel):
         "in bf16, c=1 unchanged; check the adapter's accuracy first (bench/bench_fp8_accuracy.py, "
         "docs/performance.md). None: the checkpoint's weights as they are"
     )
-    fast_prefill: bool = Field(
-        False, description="vLLM's kv_sharing_fast_prefill: Gemma 4's KV-shared layers (its last num_kv_shared_layers, "
-        "18 of E4B's 42) run only on the one position per prompt that is answered, not on the image's tokens. "
-        "Every engine step with a prompt then runs eagerly (vLLM captures no CUDA graph of it; torch_compile "
-        "keeps piecewise ones), so it trades latency at low concurrency for throughput (docs/performance.md)"
-    )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "
         "vLLM's own default for an embedded engine (2048) caps a GPU at ~7 images per step"

@@ -49,14 +49,6 @@ throughput and c=1 p50 47.7 instead of 71.8 ms (docs/performance.md). vLLM's enc
 (>= 0.32, `cudagraph_mm_encoder`, off) would read the pixels before this runs, so petbreed does not turn
 them on.
 
-With `fast_prefill` (vLLM's `kv_sharing_fast_prefill`), Gemma 4's last `num_kv_shared_layers`
-layers (18 of E4B's 42), which reuse earlier layers' KV, run only on the tokens whose logits are
-asked for: a classification needs one position per prompt, so for a 300-token image prompt those
-layers do almost no work. vLLM's LoRA layers there still receive the whole step's token-to-adapter
-mapping, sized for every token, and its kernels fail on the shorter input. `_patch_fast_prefill_lora`
-gives those layers the mapping of the tokens they run on, through the LoRA wrapper's own
-`update_metadata`, and puts the whole step's back afterwards.
-
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """
@@ -66,9 +58,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -244,69 +233,10 @@ def _is_cpu_array(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
 
 
-def _patch_fast_prefill_lora() -> None:
-    try:
-        from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
-        from vllm.model_executor.models import gemma4
-    except ImportError:
-        return
-    record = _unpatched(PunicaWrapperBase, "_update_base_metadata")
-    run = _unpatched(getattr(gemma4, "Gemma4CrossDecoderLayers", None), "__call__")
-    if record is None or run is None:
-        return
-
-    def _update_base_metadata(self: Any, mapping: Any, *args: Any) -> Any:
-        self._petbreed_mapping = (mapping, args)  # what the layers' LoRA mapping was built from
-        return record(self, mapping, *args)
-
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _lora_mapping_of(_lora_wrapper(self.decoder_layers), _fast_prefill_tokens(self.decoder_layers)):
-            return run(self, *args, **kwargs)
-
-    _update_base_metadata._petbreed_patched = True  # type: ignore[attr-defined]
-    __call__._petbreed_patched = True  # type: ignore[attr-defined]
-    setattr(PunicaWrapperBase, "_update_base_metadata", _update_base_metadata)  # noqa: B010 (mypy: a method)
-    setattr(gemma4.Gemma4CrossDecoderLayers, "__call__", __call__)  # noqa: B010
-
-
-def _fast_prefill_tokens(layers: list[Any]) -> torch.Tensor | None:
-    """The step's token positions that fast prefill runs these layers on; None: all of them (a
-    step of single tokens, or vLLM's start-up runs)."""
-    from vllm.forward_context import get_forward_context
-
-    metadata = get_forward_context().attn_metadata
-    if not layers or not isinstance(metadata, dict):
-        return None
-    return getattr(metadata.get(layers[-1].self_attn.attn.layer_name), "logits_indices_padded", None)
-
-
-def _lora_wrapper(layers: list[Any]) -> Any:
-    """The LoRA wrapper (vLLM's punica wrapper) of these layers' adapters; None without LoRA."""
-    return next((m.punica_wrapper for layer in layers for m in layer.modules() if hasattr(m, "punica_wrapper")),
-                None)
-
-
-@contextmanager
-def _lora_mapping_of(wrapper: Any, tokens: torch.Tensor | None) -> Iterator[None]:
-    """The LoRA layers map only `tokens` of the step to their adapters while this is open."""
-    state = getattr(wrapper, "_petbreed_mapping", None)
-    if tokens is None or state is None:
-        yield
-        return
-    mapping, args = state
-    per_token = mapping.index_mapping
-    wrapper.update_metadata(replace(mapping, index_mapping=tuple(per_token[i] for i in tokens.tolist())), *args)
-    try:
-        yield
-    finally:
-        wrapper.update_metadata(mapping, *args)
-
-
 _patch_gemma4_tower_lora_budget()
 _patch_gemma4_vision_compile()
 _patch_gemma4_image_path()
 _patch_images_apart()
-_patch_fast_prefill_lora()
 
 
 def uint8_pixels_supported() -> bool:

@@ -1,7 +1,6 @@
 """Shared fixtures: everything is built for real, once per test session.
 
 - `tiny_model`: a tiny random Gemma 4 folder (`petbreed make-tiny-model`).
-- `shared_kv_model`: the same with 4 layers, the last 2 sharing the KV of earlier ones, as E4B's last 18.
 - `synthetic_data`: 6 synthetic breeds, default level (`petbreed make-synthetic-data`).
 - `trained_registry`: a local registry holding `pets@1`, trained by `petbreed train`.
 - `gcs_emulator`: a GCS emulator process; yields a `gs://` bucket URI the real client can use.
@@ -57,19 +56,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-gemma4"
     petbreed("make-tiny-model", str(out))
     return out
-
-
-@pytest.fixture(scope="session")
-def shared_kv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune import tiny_model
-    from finetune.tiny_model import TinyModelConfig, make_tiny_model
-
-    # A full-attention head size unlike the sliding one's, as E4B's.
-    text = {**tiny_model.SHAPES["tiny"]["text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2,
-            "global_head_dim": 64, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tiny_model.SHAPES, "tiny", {**tiny_model.SHAPES["tiny"], "text": text})
-        return make_tiny_model(tmp_path_factory.mktemp("models") / "shared-kv-gemma4", TinyModelConfig())
 
 
 @pytest.fixture(scope="session")

@@ -272,23 +272,6 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
         assert_parity(client, registry, tiny_model, shaped, tmp_path)
 
 
-def test_parity_with_fast_prefill_and_lora_in_the_kv_shared_layers(
-    shared_kv_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
-) -> None:
-    """`fast_prefill`: the model's KV-shared layers run only on each prompt's answered position. An
-    adapter with LoRA weights in those layers too (every linear layer) answers as transformers + PEFT
-    do, with several images in one engine step and a second round of requests per image."""
-    registry = str(tmp_path / "registry")
-    publish_random_adapter(shared_kv_model, registry, LabelSet(labels=BREEDS[:6]), LoraSettings(r=8, alpha=16),
-                           std=0.3)
-    port = free_port()
-    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_VLLM__FAST_PREFILL": "true"}
-    with running_server(shared_kv_model, env, port, tmp_path) as server, \
-            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
-        assert_parity(client, registry, shared_kv_model, test_images, tmp_path)
-
-
 def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> None:
     """The trained adapter is accurate on held-out images, through the server too."""
     correct = sum(p["label"] == label for p, (label, _) in zip(served, test_images, strict=True))

@@ -57,13 +57,20 @@ def test_build_is_deterministic(tmp_path: Path, tiny_model: Path) -> None:
     assert (again / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
 
 
-def test_kv_shared_layers_get_the_k_norm_weights_vllm_loads(shared_kv_model: Path) -> None:
+def test_kv_shared_layers_get_the_k_norm_weights_vllm_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """E4B-shaped builds share the KV of their last layers; transformers saves no k_norm for
     those, vLLM requires one of the layer's head size (which differs for full attention)."""
     from safetensors import safe_open
 
+    from finetune import tiny_model
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+
+    text = {**tiny_model.SHAPES["tiny"]["text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2,
+            "global_head_dim": 64, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    monkeypatch.setitem(tiny_model.SHAPES, "tiny", {**tiny_model.SHAPES["tiny"], "text": text})
+    out = make_tiny_model(tmp_path / "model", TinyModelConfig())
     weights = {}
-    for file in shared_kv_model.glob("*.safetensors"):
+    for file in out.glob("*.safetensors"):
         with safe_open(str(file), "pt") as fh:
             weights.update({name: fh.get_slice(name).get_shape() for name in fh.keys()})  # noqa: SIM118
     layer = "model.language_model.layers.{}.self_attn.{}.weight"

@@ -622,7 +622,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
            "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
-           "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null")}
+           "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null"),
+           "PETBREED_VLLM__QUANTIZATION": args.quantization or "null"}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:

@@ -39,7 +39,7 @@ from dataclasses import replace
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from PIL import Image
@@ -670,7 +670,7 @@ def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from serve.settings import VllmSettings
+    from serve.settings import Quantization, VllmSettings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["engine", "http"])
@@ -716,8 +716,8 @@ def main() -> None:
                     help="folder of LoRA kernel configurations, e.g. serve/lora_kernel_configs (default or '': "
                          "vLLM's own)")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--quantization", help="quantization: vLLM's online quantization of the language model, "
-                    "e.g. fp8_per_channel (default: none)")
+    ap.add_argument("--quantization", choices=get_args(Quantization),
+                    help="quantization: vLLM's online quantization of the language model (default: none)")
     ap.add_argument("--answers", type=int, default=0, metavar="N",
                     help="engine: first record the label distribution of N fixed images (bench/compare_answers.py)")
     ap.add_argument("--json", type=Path)

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapter_contract.image import SoftTokens
 
+# vLLM's online quantization schemes petbreed offers (the towers stay bf16: `engine_args`).
+Quantization = Literal["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"]
+
 # vLLM's LoRA kernel configurations tuned by bench/tune_lora_kernels.py, one file per GPU and kernel.
 TUNED_LORA_KERNELS = Path(__file__).parent / "lora_kernel_configs"
 
@@ -29,7 +32,7 @@ class VllmSettings(BaseModel):
         False, description="with CUDA graphs: full graphs of the torch.compiled model (minutes of start-up; steps "
         "too large for a graph run compiled too) instead of the eager model's (seconds)"
     )
-    quantization: Literal["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"] | None = Field(
+    quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "
         "(Hopper and newer); fp8_per_channel scales activations per token, as llmcompressor's FP8_DYNAMIC. The "
         "towers and adapters stay bf16. On an H200 fp8_per_channel served 103-114 images/s saturated against 91-93 "

@@ -49,7 +49,7 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # --ab: other ways of the engine, switched while it runs (ab_variants)
-AB = ("cpu_threads", "image_path", "images_apart", "lora_kernels", "pixels", "render_processes")
+AB = ("cpu_threads", "image_path", "images_apart", "lora", "lora_kernels", "pixels", "render_processes")
 ANSWER_SEEDS = 900_000_000  # --answers: the first fixed image's seed
 PEAK_FLOPS = 790e12  # the H200 bf16 figure the performance issue uses for the compute bound
 
@@ -238,8 +238,9 @@ def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
 async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
     """Three windows of the engine under vLLM's torch profiler, each moved into its own folder of
     --torch-profile: `c1`, 12 classifications one at a time; `c8`, 24 of them 8 at a time (where
-    throughput was no better than at c=1 on 2026-12-03); and `saturated`, 0.5 s in the middle of a
-    load at concurrency 256. Returns the wall time of each window."""
+    throughput was no better than at c=1 on 2026-12-03); and `saturated`, 2 s in the middle of a
+    load at concurrency 256, long enough for several steps and the gaps between them. Returns the
+    wall time of each window."""
     from bench.bench_serve import bounded_loop
 
     entry = state.resolve(None)
@@ -269,7 +270,7 @@ async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -
              "c8": await window("c8", bounded_loop(call, [images(seed) for seed in range(500_015, 500_039)], 8))}
     load = asyncio.create_task(bounded_loop(call, [images(seed) for seed in range(510_000, 511_024)], 256))
     await asyncio.sleep(5)
-    walls["saturated"] = await window("saturated", asyncio.sleep(0.5))
+    walls["saturated"] = await window("saturated", asyncio.sleep(2.0))
     await load
     return walls
 
@@ -364,11 +365,18 @@ def ab_ways(name: str, args: argparse.Namespace) -> tuple[str, dict[str, tuple[A
 def ab_variants(classifier: Any, args: argparse.Namespace) -> Variants | None:
     """The ways of --ab (a key of AB): for "pixels", 8-bit pixels (the default) or the image
     processor's floats, and for "render_processes", prompts rendered in the render processes (the
-    default with CUDA) or in vLLM's renderer threads, both chosen per request; for the others,
-    switched in the engine's workers."""
+    default with CUDA) or in vLLM's renderer threads, both chosen per request; for "lora", requests
+    with the adapter (the default) or with the base model alone, whose steps cost what the adapter
+    merged into the weights would (the answers differ, so compare at --top-k all, where every image
+    asks the same trie nodes); for the others, switched in the engine's workers."""
     other = args.ab
     if other is None:
         return None
+    if other == "lora":
+        import serve.engine
+
+        return {"": _set(serve.engine, "lora_request", serve.engine.lora_request),
+                "_no_lora": _set(serve.engine, "lora_request", lambda entry: None)}
     if other == "pixels":
         return {"": _set(classifier, "pixel_scale", classifier.pixel_scale),
                 "_float_pixels": _set(classifier, "pixel_scale", None)}
@@ -695,7 +703,8 @@ def main() -> None:
                     help="engine: first record three windows with vLLM's torch profiler into DIR (see torch_profiles)")
     ap.add_argument("--ab", choices=sorted(AB), help="engine: every petbreed level once per way, the default "
                     "first: images_apart (stack_images_on_cpu off), image_path (no CUDA graphs; vLLM's own), "
-                    "pixels (the processor's floats instead of 8-bit pixels), lora_kernels (vLLM's default LoRA kernel "
+                    "pixels (the processor's floats instead of 8-bit pixels), lora (the base model alone, "
+                    "without the adapter), lora_kernels (vLLM's default LoRA kernel "
                     "configurations at saturation instead of --lora-kernel-configs), cpu_threads (the engine core's "
                     "torch threads on every core instead of 1), render_processes (vLLM's renderer threads "
                     "instead of processes)")

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -129,13 +130,15 @@ Variants = dict[str, Callable[[], Awaitable[Any]]]  # way-name suffix -> what sw
 
 
 async def sweep(name: str, load: Load, make: Callable[[int], Any], levels: list[int],
-                count: Callable[[int], int], seed0: int, variants: Variants | None = None) -> list[dict[str, Any]]:
+                count: Callable[[int], int], seed0: int, variants: Variants | None = None,
+                stats: Callable[[], dict[str, Any]] = dict) -> list[dict[str, Any]]:
     """Every level in turn. With variants, each level runs once per variant, one after the other
     after switching to it, so that drift during a run favours none of them; the first variant (the
     default) is switched on again at the end. Each variant is warmed up first: a way's first
     requests compile the vision tower for its shapes (seconds each, which would land in one row),
     and with CUDA, Triton compiles each LoRA kernel configuration the first time a step of its size
-    runs eagerly (an H200's first saturated level: 55.6-58.0 instead of 83-97 images/s)."""
+    runs eagerly (an H200's first saturated level: 55.6-58.0 instead of 83-97 images/s). `stats`
+    returns what happened since it was last called, and joins each row."""
     variants = variants or {"": _nothing}
     rows, seed = [], seed0
     top = max(levels)
@@ -149,7 +152,9 @@ async def sweep(name: str, load: Load, make: Callable[[int], Any], levels: list[
         n = count(level)
         for suffix, switch in variants.items():
             await switch()
-            rows.append({"way": name + suffix, **await measure(load, make, level, n, seed)})
+            stats()  # from here on
+            row = await measure(load, make, level, n, seed)
+            rows.append({"way": name + suffix, **row, **stats()})
             seed += n
             print(json.dumps(rows[-1]), flush=True)
     await next(iter(variants.values()))()
@@ -293,8 +298,17 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     rows = []
     # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
     seed0 = 0
+    stages: Counter[str] = Counter()
+
+    def second_rounds() -> dict[str, Any]:
+        """The share of images whose answer needed a second round (deeper trie nodes): it depends on
+        the answers, so ways that change them (--ab lora) can differ in work per image."""
+        share = stages["round2"] / max(1, stages["round1"])
+        stages.clear()
+        return {"second_round_share": round(share, 3)}
+
     for budget in budgets(args):
-        classifier = replace(engine, soft_tokens=budget)
+        classifier = replace(engine, soft_tokens=budget, observe=lambda stage, _seconds: stages.update([stage]))
         for top_k in top_ks(args):
 
             async def petbreed(image: Image.Image, classifier: Any = classifier, top_k: int | None = top_k) -> None:
@@ -302,7 +316,8 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
 
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
             variants = ab_variants(classifier, args)
-            rows += await sweep(name, in_process(petbreed), images, levels, requests_for(args), seed0, variants)
+            rows += await sweep(name, in_process(petbreed), images, levels, requests_for(args), seed0, variants,
+                                second_rounds)
             seed0 += 1_000_000
 
     if args.no_reference:

@@ -175,7 +175,7 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
                         lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
-                         queue_size=4096, max_images=8, vllm=vllm)
+                         queue_size=4096, max_images=8, merged_adapter="pets" if args.merged else None, vllm=vllm)
 
 
 def budgets(args: argparse.Namespace) -> list[int | None]:
@@ -228,7 +228,7 @@ def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
     from vllm import AsyncLLMEngine
     from vllm.config import ProfilerConfig
 
-    from serve.engine import VllmClassifier, engine_args, raw_pixel_scale, set_vllm_environment
+    from serve.engine import VllmClassifier, engine_args, merged_adapter, raw_pixel_scale, set_vllm_environment
 
     scale = raw_pixel_scale(settings, AutoProcessor.from_pretrained(str(args.model)))
     set_vllm_environment(settings, scale)
@@ -237,7 +237,8 @@ def profiled_classifier(args: argparse.Namespace, settings: Any) -> Any:
     engine.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir=str(args.torch_profile.resolve()),
                                             torch_profiler_with_stack=False, ignore_frontend=True,
                                             torch_profiler_dump_cuda_time_total=False)
-    return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens, scale)
+    return VllmClassifier(AsyncLLMEngine.from_engine_args(engine), settings.vllm.max_soft_tokens, scale,
+                          merged=merged_adapter(settings, str(args.model)))
 
 
 async def torch_profiles(args: argparse.Namespace, state: Any, images: Images) -> dict[str, float]:
@@ -331,8 +332,9 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         async def call(image: Image.Image) -> None:
             request = {"prompt": prompt, "multi_modal_data": {"image": image}}
             final = None
-            async for out in engine.engine.generate(request, params, request_id=uuid.uuid4().hex,
-                                                    lora_request=lora_request(entry)):
+            # With --merged the reference runs on the same merged weights: its fine-tuned model.
+            lora = None if args.merged else lora_request(entry)
+            async for out in engine.engine.generate(request, params, request_id=uuid.uuid4().hex, lora_request=lora):
                 final = out
             assert final is not None
             parse_reference(final.outputs[0].text, texts)
@@ -646,7 +648,8 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
            "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
            "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null"),
-           "PETBREED_VLLM__QUANTIZATION": args.quantization or "null"}
+           "PETBREED_VLLM__QUANTIZATION": args.quantization or "null",
+           "PETBREED_MERGED_ADAPTER": "pets" if args.merged else "null"}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
     if args.render_processes is not None:
@@ -742,12 +745,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", choices=get_args(Quantization),
                     help="quantization: vLLM's online quantization of the language model (default: none)")
+    ap.add_argument("--merged", action="store_true",
+                    help="merged_adapter: the bench adapter merged into the base weights, an engine without LoRA")
     ap.add_argument("--answers", type=int, default=0, metavar="N",
                     help="engine: first record the label distribution of N fixed images (bench/compare_answers.py)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.ab == "lora_kernels" and args.lora_kernel_configs is None:
         ap.error("--ab lora_kernels compares --lora-kernel-configs FOLDER with vLLM's own: give the folder")
+    if args.merged and args.ab == "lora":
+        ap.error("--ab lora compares the adapter as LoRA with the base alone: not with --merged")
     if args.torch_profile:
         args.torch_profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -756,7 +763,7 @@ def main() -> None:
         images = folder_images(args.images) if args.images else partial(photo_like, size=args.image_size)
         result = asyncio.run(run(args, registry, Path(tmp) / "cache", images))
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
-    result.update(mode=args.mode, model=str(args.model), image_size=args.image_size,
+    result.update(mode=args.mode, model=str(args.model), image_size=args.image_size, merged=args.merged,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
                   quantization=args.quantization,

@@ -70,7 +70,7 @@ class AdapterRefused(Exception):
 class AdapterTable:
     def __init__(
         self, registry_uri: str, cache_dir: Path, processor: Any, base_config_sha256: str, max_lora_rank: int,
-        default_name: str | None, tower_lora: bool = True,
+        default_name: str | None, tower_lora: bool = True, merged: bool = False,
     ) -> None:
         self.registry = Registry(registry_uri)
         self.cache_dir = cache_dir / "adapters"
@@ -79,6 +79,8 @@ class AdapterTable:
         self.max_lora_rank = max_lora_rank
         self.tower_lora = tower_lora
         self.default_name = default_name
+        # Merged into the base weights (`merged_adapter`): only the default adapter's newest version.
+        self.merged = merged
         self.entries: dict[tuple[str, int], AdapterEntry] = {}
         self.refused: dict[tuple[str, int], Refused] = {}
         self._next_lora_id = 1
@@ -87,6 +89,8 @@ class AdapterTable:
         """Versions the index lists that are neither served nor permanently refused (blocking I/O)."""
         index = self.registry.index()
         listed = [(name, v) for name, versions in sorted(index.adapters.items()) for v in sorted(versions)]
+        if self.merged:
+            listed = [key for key in listed if key[0] == self.default_name][-1:]
         return [key for key in listed if key not in self.entries and key not in self.refused]
 
     def prepare(self, name: str, version: int) -> AdapterEntry:
@@ -98,7 +102,8 @@ class AdapterTable:
         dest = self.cache_dir / name / str(version)
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.registry.download(name, version, dest)
-        _check_rank(dest, self.max_lora_rank)
+        if not self.merged:  # merged weights take any rank
+            _check_rank(dest, self.max_lora_rank)
         if not self.tower_lora:
             _check_language_model_only(dest)
         try:
@@ -124,6 +129,8 @@ class AdapterTable:
             )
 
     def add(self, entry: AdapterEntry) -> None:
+        if self.merged:  # the version it replaced in the weights is no longer served
+            self.entries.clear()
         self.entries[(entry.manifest.name, entry.manifest.version)] = entry
         log.info("adapter loaded", extra={"adapter": entry.ref, "labels": len(entry.prompt.label_ids)})
 

@@ -32,12 +32,15 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
 from adapter_contract.labels import BranchNode
+from finetune.model import config_path
+from serve.adapter_merge import MergedAdapter
 from serve.adapters import TOWER_MODULES, AdapterEntry
 from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
@@ -140,8 +143,9 @@ def render_processes(settings: ServeSettings) -> int:
 
 
 def tower_lora(settings: ServeSettings) -> bool:
-    """Whether the engine applies adapters' vision tower and projector weights."""
-    return settings.vllm.tower_lora and tower_lora_supported()
+    """Whether adapters' vision tower and projector weights are applied: merged into the weights,
+    or as LoRA where vLLM's Gemma 4 implements it."""
+    return settings.merged_adapter is not None or (settings.vllm.tower_lora and tower_lora_supported())
 
 
 def _inductor_cache_chosen() -> bool:
@@ -157,15 +161,16 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     from vllm import AsyncEngineArgs
 
     v = settings.vllm
+    as_lora = settings.merged_adapter is None
     eager = v.enforce_eager if v.enforce_eager is not None else not _has_cuda()
     kwargs: dict[str, Any] = dict(
         model=model_path, dtype=v.dtype, enforce_eager=eager, max_model_len=v.max_model_len,
         quantization=v.quantization, max_num_batched_tokens=v.max_num_batched_tokens,
-        limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=True, max_loras=v.max_loras,
+        limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=as_lora, max_loras=v.max_loras,
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
-        enable_tower_connector_lora=tower_lora(settings),
+        enable_tower_connector_lora=as_lora and tower_lora(settings),
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
         # The classifier processes each image once for all its requests (`VllmClassifier.render`), so
@@ -195,6 +200,12 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
+def merged_adapter(settings: ServeSettings, model_path: str) -> MergedAdapter | None:
+    """Where adapters are merged, with `merged_adapter`: the checkpoint's folder (a hub id's in the
+    Hugging Face cache)."""
+    return MergedAdapter(config_path(model_path).parent) if settings.merged_adapter else None
+
+
 def graph_sizes(max_tokens: int) -> list[int]:
     """Engine-step sizes (tokens) to capture up to `max_tokens`: vLLM's own ladder to 512, then
     sparser, since a step is padded up to the next size and every size costs start-up."""
@@ -222,6 +233,9 @@ class VllmClassifier:
     render_pool: RenderPool | None = None
     # Set: told each image's time per stage (render or render_process, round1, round2), in seconds.
     observe: Callable[[str, float], None] | None = None
+    # Set: adapters are merged into the base weights, one version at a time (`merged_adapter`),
+    # not applied as LoRA.
+    merged: MergedAdapter | None = None
     _rendering: int = field(default=0, init=False)  # images being rendered now, either way
 
     @classmethod
@@ -243,16 +257,22 @@ class VllmClassifier:
                 engine.shutdown()  # no classifier will own the engine core, so stop it here
                 raise
             log.info("render processes started", extra={"processes": processes})
-        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool, observe)
+        merged = merged_adapter(settings, model_path)
+        return cls(engine, settings.vllm.max_soft_tokens, pixel_scale, pool, observe, merged)
 
     async def load_adapter(self, entry: AdapterEntry) -> None:
-        """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request."""
-        await self.engine.add_lora(lora_request(entry))
+        """Load the LoRA now, so a bad adapter is refused at load time, not on a client's request;
+        or merge it in place of the merged one."""
+        if self.merged is not None:
+            await self.merged.swap(self.engine, entry)
+        else:
+            await self.engine.add_lora(lora_request(entry))
 
     async def classify(
         self, images: Sequence[Image.Image], entry: AdapterEntry, top_k: int | None = None
     ) -> list[list[float]]:
-        return list(await asyncio.gather(*(self._one(image, entry, top_k) for image in images)))
+        async with self.merged.serving(entry) if self.merged is not None else nullcontext():
+            return list(await asyncio.gather(*(self._one(image, entry, top_k) for image in images)))
 
     async def _one(self, image: Image.Image, entry: AdapterEntry, top_k: int | None) -> list[float]:
         trie = entry.prompt.trie
@@ -339,9 +359,8 @@ class VllmClassifier:
         # ones, which vLLM would otherwise decode on its one front-end thread for every request.
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids), detokenize=False)
         final = None
-        async for output in self.engine.generate(
-            prompt, params, request_id=uuid.uuid4().hex, lora_request=lora_request(entry)
-        ):
+        lora = lora_request(entry) if self.merged is None else None
+        async for output in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex, lora_request=lora):
             final = output
         if final is None or not final.outputs or not final.outputs[0].logprobs:
             raise RuntimeError("vLLM returned no logprobs")
@@ -349,7 +368,8 @@ class VllmClassifier:
 
     def dead(self) -> bool:
         pool_broken = self.render_pool is not None and self.render_pool.broken
-        return self.engine is None or bool(getattr(self.engine, "errored", False)) or pool_broken
+        weights_broken = self.merged is not None and self.merged.broken
+        return self.engine is None or bool(getattr(self.engine, "errored", False)) or pool_broken or weights_broken
 
     def shutdown(self) -> None:
         if self.render_pool is not None:

@@ -134,6 +134,13 @@ class ServeSettings(BaseSettings):
     base_model: str = Field("artifacts/tiny-gemma4", description="Hugging Face id, local folder or gs:// prefix")
     registry: str = Field("artifacts/registry", description="adapter registry: local folder or gs://bucket/prefix")
     default_adapter: str | None = Field("pets", description="adapter NAME used when a request names none")
+    merged_adapter: str | None = Field(
+        None, description="serve only this adapter NAME, its newest version merged into the base weights instead of "
+        "applied as LoRA (serve/adapter_merge.py): no LoRA work in any engine step (on an H200 LoRA was 23 percent "
+        "of a saturated step's GPU time and the base model alone 1.23x faster at concurrency 1), but no other "
+        "adapter or version is served. A new version is merged in place, requests waiting meanwhile. It is also "
+        "the default adapter"
+    )
     cache_dir: Path = Field(Path(".cache/petbreed"), description="downloaded adapters and base models")
     poll_interval_s: float = Field(30.0, ge=0, description="registry index polling for new versions; 0: off")
     admin_token: SecretStr | None = Field(None, description="bearer token of POST /v1/admin/reload; unset: disabled")
@@ -161,4 +168,10 @@ class ServeSettings(BaseSettings):
         for route in (self.predict_route, self.health_route):
             if route is not None and not route.startswith("/"):
                 raise ValueError(f"route {route!r} must start with '/'")
+        return self
+
+    @model_validator(mode="after")
+    def _merged_adapter_is_the_default(self) -> Self:
+        if self.merged_adapter is not None:
+            self.default_adapter = self.merged_adapter
         return self

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from adapter_contract.manifest import config_sha256
+from serve.adapter_merge import AdapterReplaced
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
 from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, render_processes, tower_lora
 from serve.errors import ApiError
@@ -78,7 +79,7 @@ class ServerState:
         s = self.settings
         self.table = AdapterTable(
             s.registry, s.cache_dir, base.processor, base.config_sha256, s.vllm.max_lora_rank, s.default_adapter,
-            tower_lora=tower_lora(s),
+            tower_lora=tower_lora(s), merged=s.merged_adapter is not None,
         )
         if self.classifier is None:
             scale = raw_pixel_scale(s, base.processor)
@@ -146,7 +147,10 @@ class ServerState:
 
     def not_ready(self) -> ApiError:
         message = self.failed or "the engine is still loading"
-        return ApiError(503, "not_ready", message, {"Retry-After": str(self.settings.retry_after_s)})
+        return ApiError(503, "not_ready", message, self.retry_after())
+
+    def retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
 
     def resolve(self, ref: str | None) -> AdapterEntry:
         if not self.ready:
@@ -163,7 +167,7 @@ class ServerState:
             self.metrics.rejected.inc()
             raise ApiError(
                 429, "queue_full", f"{self.inflight} images are in flight (limit {self.settings.queue_size})",
-                {"Retry-After": str(self.settings.retry_after_s)},
+                self.retry_after(),
             )
         self.inflight += images
         self.metrics.queue_depth.set(self.inflight)
@@ -195,6 +199,8 @@ class ServerState:
         engine = self.engine()
         try:
             return await engine.classify(images, entry, top_k)
+        except AdapterReplaced as err:
+            raise ApiError(503, "adapter_replaced", str(err), self.retry_after()) from None
         except Exception:
             if engine.dead():
                 # Not recoverable in-process: fail liveness so the platform restarts us.

@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,6 +97,15 @@ class PetbreedWorkerExtension:
         """torch's CPU threads in the worker: with one GPU, the engine core's main thread, which
         stacks each step's images (`cpu_threads` sets them at start)."""
         torch.set_num_threads(threads)
+
+    def petbreed_merge_adapter(self, base_dir: str, adapter_dir: str) -> None:
+        """The base checkpoint's weights with the adapter merged in, reloaded in place
+        (serve/adapter_merge.py): whatever was merged before is replaced. The caller pauses the
+        engine around it."""
+        from serve.adapter_merge import merged_weights
+
+        weights = merged_weights(Path(base_dir), Path(adapter_dir))
+        self.model_runner.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
 
     def petbreed_lora_kernel_configs(self, folder: str | None) -> None:
         """vLLM's LoRA kernel configurations from `folder` (its VLLM_TUNED_CONFIG_FOLDER), or its

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,26 @@ def test_without_tower_lora_support_vision_adapters_are_refused(
     result = run_sync(t)
     assert result["added"] == ["lm@1"]
     assert "vision tower" in t.refused[("pets", 1)].reason
+
+
+def test_merged_only_the_default_adapters_newest_version_is_loaded_and_a_newer_one_replaces_it(
+    registry: tuple[str, object], tiny_model: Path, tmp_path: Path
+) -> None:
+    """`merged_adapter`: the weights hold one version, so the table serves that one alone. Each sync
+    loads at most one version (a merge reloads the whole model)."""
+    uri = str(tmp_path / "registry")
+    shutil.copytree(str(registry[0]), uri)
+    t = table((uri, registry[1]), tiny_model, tmp_path, merged=True)
+    assert run_sync(t) == {"added": ["pets@2"], "refused": [], "failed": []}
+    with pytest.raises(AdapterNotFound):
+        t.resolve("lm")
+    reg = Registry(uri)
+    reg.download("pets", 1, tmp_path / "pets1")
+    newer = reg.publish(tmp_path / "pets1", reg.manifest("pets", 1))
+    assert run_sync(t)["added"] == [newer.ref] == ["pets@3"]
+    assert t.resolve(None).ref == "pets@3" and list(t.entries) == [("pets", 3)]
+    with pytest.raises(AdapterNotFound):
+        t.resolve("pets@2")
 
 
 def test_rank_over_the_engine_limit_is_refused(registry: tuple[str, object], tiny_model: Path, tmp_path: Path) -> None:

@@ -272,6 +272,35 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
         assert_parity(client, registry, tiny_model, shaped, tmp_path)
 
 
+def test_a_merged_adapter_answers_as_transformers_peft_and_a_new_version_is_merged_in_its_place(
+    trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """`merged_adapter`: the newest pets merged into the base weights, an engine without LoRA, answers
+    as transformers + PEFT do with the adapter. A new version (another label set) is merged in its
+    place without a restart and answers as PEFT does with it; the version it replaced and any other
+    adapter are not served."""
+    uri = str(tmp_path / "registry")
+    shutil.copytree(trained_registry, uri)
+    registry = Registry(uri)
+    pets = registry.manifest("pets", 1)
+    publish_like(registry, pets, random_adapter(tiny_model, tmp_path / "cats", seed=1), name="cats", metrics={})
+    port = free_port()
+    env = {"PETBREED_REGISTRY": uri, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
+           "PETBREED_MERGED_ADAPTER": "pets", "PETBREED_DEFAULT_ADAPTER": "cats", "PETBREED_ADMIN_TOKEN": TOKEN}
+    with running_server(tiny_model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        assert_accurate(assert_parity(client, uri, tiny_model, test_images, tmp_path), test_images)
+        assert_error(predict_files(client, [jpeg(test_images[0][1])], adapter="cats"), 404, "unknown_adapter")
+        new = publish_like(registry, pets, random_adapter(tiny_model, tmp_path / "v2", seed=3),
+                           labels=LabelSet(labels=BREEDS[:5]), metrics={})
+        assert client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert_parity(client, uri, tiny_model, test_images, tmp_path, ref=new.ref)
+        assert predict_files(client, [jpeg(test_images[0][1])]).json()["adapter"] == new.ref
+        assert_error(predict_files(client, [jpeg(test_images[0][1])], adapter="pets@1"), 404, "unknown_adapter")
+        log = Path(str(server["log"])).read_text()
+    assert '"adapter merged"' in log.replace("'", '"') and new.ref in log
+
+
 def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> None:
     """The trained adapter is accurate on held-out images, through the server too."""
     correct = sum(p["label"] == label for p, (label, _) in zip(served, test_images, strict=True))
@@ -279,8 +308,9 @@ def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> 
 
 
 def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]],
-                  tmp_path: Path) -> list[dict]:
-    """The server's distributions are transformers + PEFT's on the same images, to 1e-4. Returns them."""
+                  tmp_path: Path, ref: str = "pets@1") -> list[dict]:
+    """The server's distributions for adapter `ref` are transformers + PEFT's on the same images, to
+    1e-4. Returns them."""
     import torch
 
     from adapter_contract.prompt import ClassificationPrompt
@@ -288,18 +318,21 @@ def assert_parity(client: httpx.Client, registry_uri: str, tiny_model: Path, tes
     from finetune.scoring import label_distributions
 
     registry = Registry(registry_uri)
-    manifest = registry.download("pets", 1, tmp_path / "pets1")
+    name, version = ref.split("@")
+    folder = tmp_path / ref.replace("@", "")
+    manifest = registry.download(name, int(version), folder)
     processor = load_processor(str(tiny_model))
     prompt = ClassificationPrompt.build(processor, manifest.labels)
-    model = load_adapter(load_base(str(tiny_model), torch.device("cpu")), tmp_path / "pets1").eval()
+    model = load_adapter(load_base(str(tiny_model), torch.device("cpu")), folder).eval()
     paths = [path for _, path in test_images]
     reference = label_distributions(model, processor, prompt, [load_image(p) for p in paths], torch.device("cpu"))
 
-    served = predict_files(client, [jpeg(p) for p in paths[:4]], adapter="pets@1", top_k="6").json()["predictions"]
-    served += predict_files(client, [jpeg(p) for p in paths[4:]], adapter="pets@1", top_k="6").json()["predictions"]
+    top_k = str(len(manifest.labels.ids))
+    served = predict_files(client, [jpeg(p) for p in paths[:4]], adapter=ref, top_k=top_k).json()["predictions"]
+    served += predict_files(client, [jpeg(p) for p in paths[4:]], adapter=ref, top_k=top_k).json()["predictions"]
     assert len(served) == len(reference) == 6
-    for prediction, ref in zip(served, reference, strict=True):
-        expected = dict(zip(manifest.labels.ids, ref, strict=True))
+    for prediction, probs in zip(served, reference, strict=True):
+        expected = dict(zip(manifest.labels.ids, probs, strict=True))
         assert prediction["label"] == max(expected, key=expected.__getitem__)
         assert full_distribution(prediction) == pytest.approx(expected, abs=1e-4)
     return list(served)

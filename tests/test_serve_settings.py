@@ -84,3 +84,17 @@ def test_fp8_quantizes_the_language_model_and_leaves_the_towers_in_bf16(tiny_mod
         assert not should_ignore_layer(language, ignore), language
     with pytest.raises(ValidationError, match="quantization"):
         VllmSettings(quantization="int4")  # type: ignore[arg-type]
+
+
+def test_a_merged_adapter_is_the_default_and_its_engine_has_no_lora(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path
+) -> None:
+    from serve import engine
+
+    monkeypatch.setenv("PETBREED_MERGED_ADAPTER", "cats")
+    settings = ServeSettings(default_adapter="pets")
+    assert settings.default_adapter == "cats"
+    args = engine.engine_args(settings, str(tiny_model))
+    assert not args.enable_lora and not args.enable_tower_connector_lora
+    assert engine.tower_lora(settings)  # its tower weights are merged like the rest
+    assert engine.engine_args(ServeSettings(merged_adapter=None), str(tiny_model)).enable_lora

@@ -21,7 +21,8 @@ their probabilities are exact; labels that cannot be among them may be reported 
 Only API that vLLM 0.24 (CUDA), 0.32 (CPU) and the current release share is used: AsyncLLM via
 `AsyncEngineArgs`, its renderer's `render_cmpl_async` (the way vLLM's deprecation notices ask
 prompts to be passed) or `renderer_from_config` + `render_cmpl` in render processes
-(serve/render_pool.py), SamplingParams and LoRARequest.
+(serve/render_pool.py), SamplingParams and LoRARequest; with `merged_adapter`, `collective_rpc`,
+`reset_prefix_cache` and the worker's `reload_weights` (serve/adapter_merge.py).
 """
 
 from __future__ import annotations

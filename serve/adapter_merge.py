@@ -37,8 +37,10 @@ PEFT_PREFIX = "base_model.model."
 def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """The checkpoint weight name -> the float32 update the adapter adds to it."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError("only plain LoRA adapters (no DoRA, one rank and alpha) can be merged")
+    extras = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "trainable_token_indices")
+    if any(config.get(key) for key in extras) or config.get("bias", "none") != "none":
+        raise ValueError("only plain LoRA adapters (no DoRA, biases, saved modules or per-module rank or alpha) "
+                         "can be merged")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     deltas = {}
@@ -112,7 +114,9 @@ class MergedAdapter:
     async def swap(self, engine: Any, entry: AdapterEntry) -> None:
         """Merge `entry` in place of the current version, once no classification is running. If
         the merge fails, the current version is merged again and the error raised; if that fails
-        too, the weights are `broken`."""
+        too, the weights are `broken`. An adapter that cannot be merged is refused before anything
+        is reloaded."""
+        await asyncio.to_thread(merged_weights, self.base_dir, entry.path)  # checks only: reads no base tensor
         async with self._changed:
             await self._changed.wait_for(lambda: not self._swapping)
             self._swapping = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def _base(model: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model / "model.safetensors"))
 
 
-@pytest.mark.parametrize("change", [{"use_dora": True}, {"rank_pattern": {"q_proj": 4}}])
+@pytest.mark.parametrize("change", [{"use_dora": True}, {"rank_pattern": {"q_proj": 4}}, {"bias": "lora_only"},
+                                    {"modules_to_save": ["lm_head"]}])
 def test_adapters_that_are_not_plain_lora_are_refused_before_any_weight_is_read(
     tiny_model: Path, pets: Path, tmp_path: Path, change: dict[str, Any]
 ) -> None:
@@ -69,7 +71,8 @@ def test_an_adapter_for_weights_the_base_lacks_is_refused_before_any_weight_is_r
 
 
 class FakeEngine:
-    """Records merges (unit test only: the real engine's merges are in tests/test_serve_api.py)."""
+    """Records merges by the adapter folder's name (unit tests only: the real engine's merges are in
+    tests/test_serve_api.py)."""
 
     def __init__(self, *failing: str) -> None:
         self.merged: list[str] = []
@@ -78,28 +81,42 @@ class FakeEngine:
     async def collective_rpc(self, method: str, args: tuple[str, str]) -> None:
         assert method == "petbreed_merge_adapter"
         await asyncio.sleep(0.01)
-        if args[1] in self.failing:
+        name = Path(args[1]).name
+        if name in self.failing:
             raise RuntimeError("reload failed")
-        self.merged.append(args[1])
+        self.merged.append(name)
 
     async def reset_prefix_cache(self) -> None:
         pass
 
 
-def entry(ref: str) -> Any:
+Versions = Callable[[str], Any]
+
+
+@pytest.fixture
+def versions(pets: Path, tmp_path: Path) -> Versions:
+    """An entry per version, each a copy of the trained adapter in a folder named for its ref."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(ref=ref, path=Path(ref))
+    def entry(ref: str) -> Any:
+        folder = tmp_path / ref
+        if not folder.exists():
+            shutil.copytree(pets, folder)
+        return SimpleNamespace(ref=ref, path=folder)
+
+    return entry
 
 
-def test_a_swap_waits_for_running_classifications_and_later_requests_for_the_old_version_are_told_to_retry() -> None:
+def test_a_swap_waits_for_running_classifications_and_later_requests_for_the_old_version_are_told_to_retry(
+    tiny_model: Path, versions: Versions
+) -> None:
     async def scenario() -> list[str]:
-        engine, merged, events = FakeEngine(), MergedAdapter(Path("base")), []
-        await merged.swap(engine, entry("pets@1"))
+        engine, merged, events = FakeEngine(), MergedAdapter(tiny_model), []
+        await merged.swap(engine, versions("pets@1"))
 
         async def classify(ref: str) -> None:
             try:
-                async with merged.serving(entry(ref)):
+                async with merged.serving(versions(ref)):
                     events.append(f"start {ref}")
                     await asyncio.sleep(0.05)
                     events.append(f"end {ref}")
@@ -108,8 +125,9 @@ def test_a_swap_waits_for_running_classifications_and_later_requests_for_the_old
 
         running = asyncio.create_task(classify("pets@1"))
         await asyncio.sleep(0.01)
-        swap = asyncio.create_task(merged.swap(engine, entry("pets@2")))
-        await asyncio.sleep(0.01)
+        swap = asyncio.create_task(merged.swap(engine, versions("pets@2")))
+        while not merged._swapping:  # the swap has checked the adapter and now waits for `running`
+            await asyncio.sleep(0.001)
         late = asyncio.create_task(classify("pets@1"))  # resolved before the swap, runs after it
         await asyncio.gather(running, swap, late)
         events.append(f"merged {engine.merged}")
@@ -121,13 +139,33 @@ def test_a_swap_waits_for_running_classifications_and_later_requests_for_the_old
     ]
 
 
-def test_a_failed_merge_merges_the_served_version_again_and_keeps_serving_it() -> None:
+def test_an_adapter_that_cannot_be_merged_is_refused_before_the_engine_is_asked(
+    tiny_model: Path, versions: Versions
+) -> None:
+    dora = versions("pets@2")
+    config = json.loads((dora.path / "adapter_config.json").read_text())
+    (dora.path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+
     async def scenario() -> tuple[list[str], str]:
-        engine, merged = FakeEngine("pets@2"), MergedAdapter(Path("base"))
-        await merged.swap(engine, entry("pets@1"))
+        engine, merged = FakeEngine(), MergedAdapter(tiny_model)
+        await merged.swap(engine, versions("pets@1"))
+        with pytest.raises(ValueError, match="plain LoRA"):
+            await merged.swap(engine, dora)
+        assert merged.entry is not None
+        return engine.merged, merged.entry.ref
+
+    assert asyncio.run(scenario()) == (["pets@1"], "pets@1")
+
+
+def test_a_failed_merge_merges_the_served_version_again_and_keeps_serving_it(
+    tiny_model: Path, versions: Versions
+) -> None:
+    async def scenario() -> tuple[list[str], str]:
+        engine, merged = FakeEngine("pets@2"), MergedAdapter(tiny_model)
+        await merged.swap(engine, versions("pets@1"))
         with pytest.raises(RuntimeError, match="reload failed"):
-            await merged.swap(engine, entry("pets@2"))
-        async with merged.serving(entry("pets@1")):
+            await merged.swap(engine, versions("pets@2"))
+        async with merged.serving(versions("pets@1")):
             pass
         assert merged.entry is not None
         return engine.merged, merged.entry.ref
@@ -135,15 +173,17 @@ def test_a_failed_merge_merges_the_served_version_again_and_keeps_serving_it() -
     assert asyncio.run(scenario()) == (["pets@1", "pets@1"], "pets@1")
 
 
-def test_when_merging_the_served_version_back_fails_too_the_weights_are_broken_and_no_request_runs() -> None:
+def test_when_merging_the_served_version_back_fails_too_the_weights_are_broken_and_no_request_runs(
+    tiny_model: Path, versions: Versions
+) -> None:
     async def scenario() -> bool:
-        engine, merged = FakeEngine(), MergedAdapter(Path("base"))
-        await merged.swap(engine, entry("pets@1"))
+        engine, merged = FakeEngine(), MergedAdapter(tiny_model)
+        await merged.swap(engine, versions("pets@1"))
         engine.failing = ("pets@1", "pets@2")
         with pytest.raises(RuntimeError, match="reload failed"):
-            await merged.swap(engine, entry("pets@2"))
+            await merged.swap(engine, versions("pets@2"))
         with pytest.raises(RuntimeError, match="unusable"):
-            async with merged.serving(entry("pets@1")):
+            async with merged.serving(versions("pets@1")):
                 pass
         return merged.broken
 

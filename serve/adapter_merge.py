@@ -32,10 +32,13 @@ from serve.adapters import AdapterEntry
 
 log = logging.getLogger("petbreed.serve.merge")
 PEFT_PREFIX = "base_model.model."
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (scale * B, A)
 
 
-def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint weight name -> the float32 update the adapter adds to it."""
+def lora_factors(adapter_dir: Path) -> Factors:
+    """The checkpoint weight name -> (scale * B, A) of the adapter's update scale * B @ A. The
+    low-rank factors, not their product: the products of every projection of an E4B model would be
+    a second copy of its weights, in float32."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     extras = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "trainable_token_indices")
     if any(config.get(key) for key in extras) or config.get("bias", "none") != "none":
@@ -43,38 +46,40 @@ def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
                          "can be merged")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-    deltas = {}
+    factors = {}
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as fh:
         for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
             if key.endswith(".lora_A.weight"):
                 module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
                 b = fh.get_tensor(key.replace(".lora_A.", ".lora_B.")).float()
-                deltas[f"{module}.weight"] = scale * (b @ fh.get_tensor(key).float())
-    return deltas
+                factors[f"{module}.weight"] = (scale * b, fh.get_tensor(key).float())
+    return factors
 
 
 def merged_weights(base_dir: Path, adapter_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the base checkpoint, with the adapter merged in. Raises before yielding
-    anything if the adapter cannot be merged: a reload that fails halfway leaves no model."""
-    deltas = lora_deltas(adapter_dir)
+    """Every tensor of the base checkpoint, with the adapter merged in, one at a time. Raises
+    before yielding anything if the adapter cannot be merged: a reload that fails halfway leaves no
+    model."""
+    factors = lora_factors(adapter_dir)
     files = sorted(base_dir.glob("*.safetensors"))
     names: set[str] = set()
     for path in files:
         with safe_open(str(path), "pt") as fh:
             names.update(fh.keys())
-    missing = sorted(set(deltas) - names)
+    missing = sorted(set(factors) - names)
     if missing:
         raise ValueError(f"the adapter updates weights the base checkpoint in {base_dir} lacks, e.g. {missing[0]}")
-    return _merged(files, deltas)
+    return _merged(files, factors)
 
 
-def _merged(files: list[Path], deltas: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _merged(files: list[Path], factors: Factors) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), "pt") as fh:
             for name in fh.keys():  # noqa: SIM118
                 tensor = fh.get_tensor(name)
-                if name in deltas:
-                    tensor = (tensor.float() + deltas[name]).to(tensor.dtype)
+                if name in factors:
+                    scaled_b, a = factors[name]
+                    tensor = torch.addmm(tensor.float(), scaled_b, a).to(tensor.dtype)
                 yield name, tensor
 
 

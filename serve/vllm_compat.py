@@ -100,8 +100,8 @@ class PetbreedWorkerExtension:
 
     def petbreed_merge_adapter(self, base_dir: str, adapter_dir: str) -> None:
         """The base checkpoint's weights with the adapter merged in, reloaded in place
-        (serve/adapter_merge.py): whatever was merged before is replaced. The caller pauses the
-        engine around it."""
+        (serve/adapter_merge.py): whatever was merged before is replaced. The caller makes sure no
+        request runs meanwhile (`MergedAdapter.swap`)."""
         from serve.adapter_merge import merged_weights
 
         weights = merged_weights(Path(base_dir), Path(adapter_dir))

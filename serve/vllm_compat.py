@@ -105,7 +105,9 @@ class PetbreedWorkerExtension:
         from serve.adapter_merge import merged_weights
 
         weights = merged_weights(Path(base_dir), Path(adapter_dir))
-        self.model_runner.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        # The worker's own method, not its model runner's: from vLLM 0.32 on it makes the engine's
+        # config current, as vLLM's own loading does, for the quantization code the reload re-runs.
+        self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
 
     def petbreed_lora_kernel_configs(self, folder: str | None) -> None:
         """vLLM's LoRA kernel configurations from `folder` (its VLLM_TUNED_CONFIG_FOLDER), or its

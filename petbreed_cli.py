@@ -60,6 +60,7 @@ def make_tiny_model(
     vision_hidden: Annotated[int, typer.Option(help="tiny: vision tower width")] = 32,
     init_std: Annotated[float | None, typer.Option(help="weight init std (tiny: 0.1, learns faster)")] = None,
     device: Annotated[str, typer.Option(help="where to build the weights (cuda for e4b)")] = "cpu",
+    audio: Annotated[bool, typer.Option(help="an audio tower too, as google/gemma-4-E2B/E4B have")] = False,
 ) -> None:
     """Build a random-weight Gemma 4 (real classes, tokenizer, processor) in OUT."""
     from finetune.tiny_model import TinyModelConfig
@@ -67,7 +68,7 @@ def make_tiny_model(
 
     cfg = TinyModelConfig(
         shape=shape, seed=seed, text_hidden=text_hidden, vision_hidden=vision_hidden,  # type: ignore[arg-type]
-        init_std=init_std, device=device,
+        init_std=init_std, device=device, audio=audio,
     )
     typer.echo(build(out, cfg))
 

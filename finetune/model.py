@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from adapter_contract.modules import AUDIO_MODULES
 from adapter_contract.storage import download_tree, is_gcs, open_storage
 
 
@@ -89,7 +90,7 @@ def add_lora(model: Any, settings: LoraSettings) -> Any:
 
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=settings.targets, task_type="CAUSAL_LM",
+        target_modules=settings.targets, exclude_modules=rf".*\.{AUDIO_MODULES}\..*", task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

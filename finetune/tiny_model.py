@@ -42,9 +42,11 @@ CHAT_TEMPLATE = (
 class TinyModelConfig(BaseModel):
     """Shape of the random model. `tiny` is the offline default; `e4b` has the text and vision
     shapes of google/gemma-4-E4B-it, for GPU benchmarks (random weights cost the same compute).
-    A random model learns faster with a wide init, hence init_std 0.1 for tiny (see README)."""
+    A random model learns faster with a wide init, hence init_std 0.1 for tiny (see README).
+    `audio` adds an audio tower (E4B's: transformers' defaults), as the released E2B and E4B have."""
 
     shape: Literal["tiny", "e4b"] = "tiny"
+    audio: bool = False
     seed: int = 0
     text_hidden: int = 64
     vision_hidden: int = 32
@@ -67,6 +69,10 @@ SHAPES: dict[str, dict[str, Any]] = {
             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
             pooling_kernel_size=3, position_embedding_size=1024, use_clipped_linears=True,
         ),
+        "audio": dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+            output_proj_dims=32,
+        ),
         "soft_tokens": 70,
         "init_std": 0.1,
     },
@@ -83,6 +89,7 @@ SHAPES: dict[str, dict[str, Any]] = {
             num_key_value_heads=12, head_dim=64, patch_size=16, pooling_kernel_size=3,
             position_embedding_size=10240, use_clipped_linears=True,
         ),
+        "audio": {},
         "soft_tokens": 280,
         "init_std": 0.02,
     },
@@ -134,8 +141,9 @@ def _gemma4_config(cfg: TinyModelConfig, tokenizer):  # type: ignore[no-untyped-
     text.update(initializer_range=cfg.std, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     vision.update(initializer_range=cfg.std)
+    audio = {**shape["audio"], "initializer_range": cfg.std} if cfg.audio else None
     config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, initializer_range=cfg.std,
+        text_config=text, vision_config=vision, audio_config=audio, initializer_range=cfg.std,
         image_token_id=ids("<|image|>"), boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
         video_token_id=ids("<|video|>"), audio_token_id=ids("<|audio|>"), boa_token_id=ids("<|audio>"),
         eoa_token_index=ids("<audio|>"),

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from adapter_contract.manifest import AdapterManifest
+from adapter_contract.modules import AUDIO_MODULES, TOWER_MODULES
 from adapter_contract.prompt import PROMPT_VERSION, ClassificationPrompt
 from adapter_contract.registry import Registry
 from adapter_contract.storage import StorageError
 
 log = logging.getLogger("petbreed.serve.adapters")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Gemma 4's modules outside the language model: the vision/audio towers and their projectors.
-TOWER_MODULES = r"(vision_tower|embed_vision|audio_tower|embed_audio)\."
 _TOWER = re.compile(r"\." + TOWER_MODULES)
+_AUDIO = re.compile(rf"\.{AUDIO_MODULES}\.")
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,7 @@ class AdapterTable:
         self.registry.download(name, version, dest)
         if not self.merged:  # merged weights take any rank
             _check_rank(dest, self.max_lora_rank)
-        if not self.tower_lora:
-            _check_language_model_only(dest)
+        _check_towers(dest, self.tower_lora)
         try:
             prompt = ClassificationPrompt.build(self.processor, manifest.labels)
         except ValueError as err:
@@ -189,12 +188,19 @@ def _check_rank(folder: Path, max_rank: int) -> None:
         raise AdapterRefused(f"LoRA rank {max(ranks)} exceeds the server's max_lora_rank {max_rank}")
 
 
-def _check_language_model_only(folder: Path) -> None:
+def _check_towers(folder: Path, tower_lora: bool) -> None:
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
-        tower = sorted(k for k in fh.keys() if _TOWER.search(k))  # noqa: SIM118 (safe_open has no __iter__)
-    if tower:
+        names = list(fh.keys())
+    audio = sorted(k for k in names if _AUDIO.search(k))
+    if audio:
+        raise AdapterRefused(
+            f"it has LoRA weights on the audio tower ({len(audio)} tensors, e.g. {audio[0]}), which the server "
+            "does not load; train it again: `petbreed train` leaves the audio tower out of LoRA"
+        )
+    tower = sorted(k for k in names if _TOWER.search(k))
+    if tower and not tower_lora:
         raise AdapterRefused(
             f"it has LoRA weights on the vision tower/projector ({len(tower)} tensors, e.g. {tower[0]}), which this "
             "vLLM cannot apply to Gemma 4; its answers would differ from the evaluated adapter"

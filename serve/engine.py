@@ -40,9 +40,10 @@ from typing import Any, Protocol
 from PIL import Image
 
 from adapter_contract.labels import BranchNode
+from adapter_contract.modules import TOWER_MODULES
 from finetune.model import config_path
 from serve.adapter_merge import MergedAdapter
-from serve.adapters import TOWER_MODULES, AdapterEntry
+from serve.adapters import AdapterEntry
 from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
 from serve.settings import ServeSettings
@@ -167,7 +168,9 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
     kwargs: dict[str, Any] = dict(
         model=model_path, dtype=v.dtype, enforce_eager=eager, max_model_len=v.max_model_len,
         quantization=v.quantization, max_num_batched_tokens=v.max_num_batched_tokens,
-        limit_mm_per_prompt={"image": 1, "video": 0}, enable_lora=as_lora, max_loras=v.max_loras,
+        # No audio: vLLM then skips the audio tower of E2B/E4B checkpoints, and sizes the encoder's
+        # memory by images (it profiles the modality with the most tokens per item: audio's 750).
+        limit_mm_per_prompt={"image": 1, "video": 0, "audio": 0}, enable_lora=as_lora, max_loras=v.max_loras,
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.

@@ -272,6 +272,34 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
         assert_parity(client, registry, tiny_model, shaped, tmp_path)
 
 
+def test_a_checkpoint_with_an_audio_tower_serves_its_adapters_and_refuses_audio_lora(
+    test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """The released E2B/E4B checkpoints carry an audio tower, which the server has vLLM skip. An
+    adapter made by petbreed's LoRA code (which leaves that tower out) answers as transformers +
+    PEFT do; one with LoRA weights on the audio tower is refused, and the reason says so."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.model import load_base
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny-audio", TinyModelConfig(audio=True))
+    registry = str(tmp_path / "registry")
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), LoraSettings(r=8, alpha=16), std=0.3)
+    heard = tmp_path / "with-audio"
+    every_linear = LoraConfig(r=8, target_modules="all-linear")  # PEFT's own, audio tower included
+    get_peft_model(load_base(str(model), torch.device("cpu")), every_linear).save_pretrained(str(heard))
+    publish_like(Registry(registry), Registry(registry).manifest("pets", 1), heard, name="heard")
+    port = free_port()
+    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0"}
+    with running_server(model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        assert_parity(client, registry, model, test_images, tmp_path)
+        refused = {a["ref"]: a for a in client.get("/v1/models").json()["adapters"]}["heard@1"]
+    assert not refused["loaded"] and "LoRA weights on the audio tower" in refused["refused_reason"]
+
+
 def test_a_merged_adapter_answers_as_transformers_peft_and_a_new_version_is_merged_in_its_place(
     trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
 ) -> None:

@@ -98,3 +98,12 @@ def test_a_merged_adapter_is_the_default_and_its_engine_has_no_lora(
     assert not args.enable_lora and not args.enable_tower_connector_lora
     assert engine.tower_lora(settings)  # its tower weights are merged like the rest
     assert engine.engine_args(ServeSettings(merged_adapter=None), str(tiny_model)).enable_lora
+
+
+def test_the_engine_takes_images_only(tiny_model: Path) -> None:
+    """No audio and no video: vLLM then skips an E2B/E4B checkpoint's audio tower and sizes the
+    encoder's memory by images, the largest item it would otherwise profile being an audio clip."""
+    from serve import engine
+
+    limits = engine.engine_args(ServeSettings(), str(tiny_model)).limit_mm_per_prompt
+    assert limits == {"image": 1, "video": 0, "audio": 0}

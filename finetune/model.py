@@ -88,9 +88,12 @@ def load_base(model_path: str, device: torch.device) -> Any:
 def add_lora(model: Any, settings: LoraSettings) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    # An audio tower (E2B/E4B) never sees an image, and the server skips it (adapter_contract/modules.py).
+    # Only where there is one: PEFT warns about an exclusion that matches nothing.
+    audio = getattr(model.config, "audio_config", None) is not None
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=settings.targets, exclude_modules=rf".*\.{AUDIO_MODULES}\..*", task_type="CAUSAL_LM",
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=settings.targets,
+        exclude_modules=rf".*\.{AUDIO_MODULES}\..*" if audio else None, task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

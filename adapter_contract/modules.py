@@ -6,4 +6,5 @@ the encoder's memory), so an adapter with LoRA weights on it cannot be served.
 """
 
 AUDIO_MODULES = r"(audio_tower|embed_audio)"
-TOWER_MODULES = r"(vision_tower|embed_vision|audio_tower|embed_audio)\."
+VISION_MODULES = r"(vision_tower|embed_vision)"
+TOWER_MODULES = rf"({VISION_MODULES}|{AUDIO_MODULES})\."

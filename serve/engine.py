@@ -74,6 +74,9 @@ class Classifier(Protocol):
         """P(label | image) per image. With top_k, labels that cannot be among the top_k may be 0."""
         ...
     async def load_adapter(self, entry: AdapterEntry) -> None: ...
+    async def warm_up(self, entry: AdapterEntry, images: int) -> None:
+        """Pay what a first image costs (processors, compiles) before clients come."""
+        ...
     def dead(self) -> bool: ...
     def shutdown(self) -> None: ...
 
@@ -272,6 +275,15 @@ class VllmClassifier:
         else:
             await self.engine.add_lora(lora_request(entry))
 
+    async def warm_up(self, entry: AdapterEntry, images: int) -> None:
+        """Each render process renders its first image (the pool hands images that arrive together
+        to whichever process is free, so classifying several reached only some of them: a c=8 level
+        on the H200 machine then waited 28 s), then `images` images go through the engine at once."""
+        image = Image.new("RGB", (64, 64))
+        if self.render_pool is not None:
+            await self.render_pool.render_in_every_process(self.prompt(image, entry))
+        await self.classify([image] * images, entry)
+
     async def classify(
         self, images: Sequence[Image.Image], entry: AdapterEntry, top_k: int | None = None
     ) -> list[list[float]]:
@@ -318,7 +330,7 @@ class VllmClassifier:
         An image that arrives while no other is rendering stays in this process: alone, it holds
         the interpreter lock against nobody, and the trip to a process and back cost about 3 ms at
         concurrency 1 on an H200. Under load the processes take the rest."""
-        prompt = {"prompt_token_ids": list(entry.prompt_token_ids), **self.image_input(image, entry)}
+        prompt = self.prompt(image, entry)
         busy, self._rendering = self._rendering, self._rendering + 1
         try:
             if self.render_pool is not None and busy:
@@ -327,6 +339,9 @@ class VllmClassifier:
             return dict(rendered), "render"
         finally:
             self._rendering -= 1
+
+    def prompt(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
+        return {"prompt_token_ids": list(entry.prompt_token_ids), **self.image_input(image, entry)}
 
     def image_input(self, image: Image.Image, entry: AdapterEntry) -> dict[str, Any]:
         """The image part of a prompt. A fresh id names the image to vLLM, which then neither hashes

@@ -93,15 +93,14 @@ class ServerState:
         """Predictions before /readyz says yes. vLLM's first image request loads the image
         processor (again, if the soft-token budget differs from the model's) and compiles kernels:
         seconds on a GPU that no client should wait for. Several images at once, so that each
-        renderer thread or render process meets its first image here (a render process's first
-        took 13-16 s on the H200 machine)."""
+        renderer thread meets its first image here; each render process renders one."""
         try:
             entry = self.tables().resolve(None)
         except AdapterNotFound:  # no default adapter (yet): the first client pays instead
             return
         started = time.perf_counter()
         renderers = max(self.settings.vllm.renderer_workers, render_processes(self.settings))
-        await self.engine().classify([Image.new("RGB", (64, 64))] * renderers, entry)
+        await self.engine().warm_up(entry, renderers)
         log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     def begin(self) -> None:

@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from serve.vision_tower import TowerGraphs, compile_tower, encode_group, encode_images
+from serve.vision_tower import TowerGraphs, compile_for_one_and_several, compile_tower, encode_group, encode_images
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
@@ -173,6 +173,7 @@ def _patch_gemma4_vision_compile() -> None:
         original(self, *args, **kwargs)
         if os.environ.get(COMPILE_VISION_ENV) == "1":
             compile_tower(self.vision_tower)
+            self._petbreed_compile_pending = True
 
     __init__._petbreed_patched = True  # type: ignore[attr-defined]
     model_cls.__init__ = __init__
@@ -188,6 +189,9 @@ def _patch_gemma4_image_path() -> None:
         pixels = model_pixels(image_input["pixel_values"], self.model_dtype)
         positions = image_input["pixel_position_ids"]
         if _unpadded_images and not getattr(self, "_enable_mm_lora", False):
+            if getattr(self, "_petbreed_compile_pending", False):  # vLLM's start-up profile
+                self._petbreed_compile_pending = False
+                compile_for_one_and_several(self, pixels, positions)
             tokens = encode_images(self, pixels, positions, _tower_encoder(self, pixels))
             if tokens is not None:
                 return tokens

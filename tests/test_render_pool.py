@@ -3,7 +3,10 @@ served answers transformers + PEFT give is checked in test_serve_api (the GPU de
 
 from __future__ import annotations
 
+import asyncio
 import pickle
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +15,8 @@ import torch
 from PIL import Image
 
 from serve import engine
-from serve.engine import render_processes
-from serve.render_pool import dumps
+from serve.engine import engine_args, render_processes
+from serve.render_pool import RenderPool, dumps
 from serve.settings import ServeSettings, VllmSettings
 
 
@@ -52,3 +55,15 @@ def test_render_processes_are_on_with_cuda_off_on_cpu_and_the_operators_choice_w
     assert render_processes(ServeSettings()) == 4
     assert render_processes(ServeSettings(vllm=VllmSettings(render_processes=0))) == 0
     assert render_processes(ServeSettings(vllm=VllmSettings(render_processes=2))) == 2
+
+
+def test_every_process_renders_a_first_image_even_one_that_starts_late(tiny_model: Path) -> None:
+    """No `warm_up()` first: the processes start while the prompts wait, and whichever is ready
+    first would otherwise render them all (a process's first image is the slow one)."""
+    pool = RenderPool(engine_args(ServeSettings(), str(tiny_model)).create_engine_config(), 2)
+    prompt = {"prompt_token_ids": [2, 7, 9], "multi_modal_data": {"image": Image.new("RGB", (64, 64))},
+              "multi_modal_uuids": {"image": [uuid.uuid4().hex]}}
+    try:
+        assert len(asyncio.run(pool.render_in_every_process(prompt))) == 2
+    finally:
+        pool.shutdown()

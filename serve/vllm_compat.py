@@ -16,8 +16,8 @@ image cost 60 ms more than a cached one at concurrency 1 (76 against 16 ms), whi
 processor took 3 ms and the tower's arithmetic is about 1 ms. Eagerly, the tower launches
 hundreds of small kernels (norms, clipping, rotary embeddings) from Python. With
 COMPILE_VISION_ENV set to 1 the tower's patch embedder and encoder layers are
-torch.compiled (`compile_tower`: dynamic shapes, one graph for every batch of images); vLLM's
-start-up profiling run triggers the compilation. Measured (the encoder compiled whole, before
+torch.compiled (`compile_tower`: dynamic shapes, one graph for every batch of several images, one
+for one image); vLLM's start-up profiling run triggers both compilations. Measured (the encoder compiled whole, before
 compile_tower): 58 ms for a new image at concurrency 1 (a torch profile puts most of the rest in
 the CPU time of launching the compiled tower, and in the front-end), 1.6x the saturated
 throughput (docs/performance.md).

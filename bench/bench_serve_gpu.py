@@ -27,6 +27,7 @@ import asyncio
 import io
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -696,6 +697,7 @@ def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from serve.jsonlog import configure_logging
     from serve.settings import Quantization, VllmSettings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -757,6 +759,8 @@ def main() -> None:
         ap.error("--ab lora compares the adapter as LoRA with the base alone: not with --merged")
     if args.torch_profile:
         args.torch_profile.mkdir(parents=True, exist_ok=True)
+    configure_logging("WARNING")
+    logging.getLogger("petbreed").setLevel(logging.INFO)  # its start-up lines, e.g. the warm-up's seconds
     with tempfile.TemporaryDirectory() as tmp:
         registry = args.registry or publish_bench_adapter(args.model, Path(tmp))
         run = engine_mode if args.mode == "engine" else http_mode

@@ -20,7 +20,7 @@ from PIL import Image
 from adapter_contract.manifest import config_sha256
 from serve.adapter_merge import AdapterReplaced
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, render_processes, tower_lora
+from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
@@ -99,8 +99,7 @@ class ServerState:
         except AdapterNotFound:  # no default adapter (yet): the first client pays instead
             return
         started = time.perf_counter()
-        renderers = max(self.settings.vllm.renderer_workers, render_processes(self.settings))
-        await self.engine().warm_up(entry, renderers)
+        await self.engine().warm_up(entry, self.settings.vllm.renderer_workers)
         log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     def begin(self) -> None:

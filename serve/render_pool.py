@@ -54,9 +54,9 @@ class RenderPool:
             pass
 
     async def render_in_every_process(self, prompt: dict[str, Any]) -> set[int]:
-        """Render `prompt` once in each process (its first image is slow: 13-16 s on the H200
-        machine, 0.4 s against 0.01 on the 2-core one); the process ids that did. A process that has
-        rendered waits for the others, so none can take a second prompt while one has none."""
+        """Render `prompt` once in each process (its first image is the slow one: 13-16 s on the
+        H200 machine); the process ids that did. A process that has rendered waits for the others,
+        so none can take a second prompt while one has none."""
         loop, data = asyncio.get_running_loop(), dumps(prompt)
         rendered = [loop.run_in_executor(self._pool, _render_and_wait, data) for _ in range(self.processes)]
         return set(await asyncio.gather(*rendered))

@@ -83,7 +83,7 @@ def compile_for_one_and_several(model: Any, pixels: torch.Tensor | Sequence[torc
     """Run the compiled tower on the first of these images alone and twice over. Dynamic shapes
     or not, torch specialises a dimension of size 1, so the tower compiles once for one image and
     once for several; vLLM's start-up profile, which calls this, meets only one of the two, and a
-    client would wait for the other (on CPU, tiny model: 8.7 s for the second compile)."""
+    client would wait for the other (tests/test_vision_tower.py)."""
     encode = functools.partial(encode_group, model)
     for copies in (1, 2):
         encode_images(model, [pixels[0]] * copies, [positions[0]] * copies, encode)

@@ -48,10 +48,12 @@ from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
 from serve.settings import ServeSettings
 from serve.vllm_compat import (
+    ATTENTION_ENV,
     COMPILE_VISION_ENV,
     GRAPH_IMAGES_ENV,
     IMAGES_APART_ENV,
     PIXEL_SCALE_ENV,
+    TOWER_FP8_ENV,
     TUNED_CONFIG_ENV,
     tower_lora_supported,
     uint8_pixels_supported,
@@ -108,6 +110,8 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
     os.environ[IMAGES_APART_ENV] = str(int(not settings.vllm.stack_images_on_cpu))
     os.environ[GRAPH_IMAGES_ENV] = str(settings.vllm.vision_graph_images)
     os.environ[PIXEL_SCALE_ENV] = repr(pixel_scale or 0.0)
+    os.environ[TOWER_FP8_ENV] = str(int(settings.vllm.vision_tower_fp8))
+    os.environ[ATTENTION_ENV] = settings.vllm.vision_attention
 
 
 def _limit_cpu_threads(threads: int | None) -> None:

@@ -81,6 +81,17 @@ class VllmSettings(BaseModel):
         "9.4 ms without a graph; 8 images 19.7 against 20.4 (docs/performance.md). Graph memory comes on top "
         "of gpu_memory_utilization"
     )
+    vision_tower_fp8: bool = Field(
+        False, description="with petbreed's image path (no tower LoRA): the vision tower's encoder layers multiply "
+        "in fp8 (Hopper and newer), weights per output channel and activations per token as fp8_per_channel "
+        "does for the language model (serve/tower_fp8.py); at 280 soft tokens the tower is about a quarter "
+        "of an image's FLOPs. Check the adapter's accuracy first (bench/bench_fp8_accuracy.py --tower)"
+    )
+    vision_attention: Literal["flash", "cudnn"] = Field(
+        "flash", description="the attention kernel PyTorch runs in the vision tower on petbreed's image path: "
+        "flash (FlashAttention 2, PyTorch's default) or cudnn (cuDNN's fused attention, which has Hopper "
+        "kernels); cudnn falls back to the others where it cannot run"
+    )
     uint8_pixels: bool = Field(
         True, description="images travel from the front-end to the engine as 8-bit patches and are rescaled to "
         "floats in the engine's worker, with the same result: the front-end's image processor skips its float "
@@ -168,6 +179,15 @@ class ServeSettings(BaseSettings):
         for route in (self.predict_route, self.health_route):
             if route is not None and not route.startswith("/"):
                 raise ValueError(f"route {route!r} must start with '/'")
+        return self
+
+    @model_validator(mode="after")
+    def _tower_settings_have_their_image_path(self) -> Self:
+        # Tower LoRA (vLLM >= 0.32) runs vLLM's own image path, where these would silently do nothing.
+        v = self.vllm
+        if (v.vision_tower_fp8 or v.vision_attention != "flash") and v.tower_lora and self.merged_adapter is None:
+            raise ValueError("vision_tower_fp8 and vision_attention apply to petbreed's image path: set "
+                             "vllm.tower_lora to false, or serve a merged_adapter")
         return self
 
     @model_validator(mode="after")

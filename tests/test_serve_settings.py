@@ -43,6 +43,14 @@ def test_a_request_at_the_image_limit_must_fit_the_queue() -> None:
         ServeSettings(max_images=8, queue_size=4)
 
 
+@pytest.mark.parametrize("tower", [{"vision_tower_fp8": True}, {"vision_attention": "cudnn"}])
+def test_the_towers_kernels_are_chosen_only_where_petbreeds_image_path_runs(tower: dict) -> None:
+    with pytest.raises(ValidationError, match="tower_lora"):
+        ServeSettings(vllm=VllmSettings(**tower))
+    assert ServeSettings(vllm=VllmSettings(tower_lora=False, **tower))
+    assert ServeSettings(merged_adapter="pets", vllm=VllmSettings(**tower))
+
+
 @pytest.mark.parametrize(("torch_compile", "mode"), [(False, 0), (True, 3)])
 def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
     monkeypatch: pytest.MonkeyPatch, tiny_model: Path, torch_compile: bool, mode: int

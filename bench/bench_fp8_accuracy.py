@@ -1,7 +1,7 @@
 """What fp8 weights cost a trained adapter: a published adapter's held-out accuracy with the base
 model's language-model weights as trained (bf16/fp32), then with them rounded as vLLM's online
 `fp8_per_channel` quantization rounds them (`PETBREED_VLLM__QUANTIZATION`), in transformers+PEFT;
-with --tower, then also the vision tower's encoder layers as `vision_tower_fp8` rounds them.
+with --tower, then also the vision tower's encoder layers (`quantize_vision_tower`).
 Prints JSON; each way's agreement with the unrounded answers is bench/compare_answers.py's.
 
   python bench/bench_fp8_accuracy.py --registry REG --adapter pets --model MODEL --data DATA [--tower]
@@ -27,18 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
 # What each way rounds, cumulatively: the language model (vLLM's fp8_per_channel), then with --tower
-# the vision tower's encoder layers as well (`vision_tower_fp8`).
+# the vision tower's encoder layers as well (`quantize_vision_tower`).
 WAYS = {"fp8_per_channel": "language_model", "fp8_with_tower": "vision_tower.encoder"}
 
 
 def fp8_rounded(x: torch.Tensor) -> torch.Tensor:
     """x rounded to fp8 e4m3 with one scale per row (last dimension), as a per-channel weight or a
     per-token activation."""
-    from serve.tower_fp8 import scaled_rows
-
-    quantized, scale = scaled_rows(x)
-    return (quantized.float() * scale).to(x.dtype)
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return ((x.float() / scale).to(FP8).float() * scale).to(x.dtype)
 
 
 def round_linears(model: Any, part: str) -> int:

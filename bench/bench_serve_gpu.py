@@ -166,12 +166,6 @@ async def _nothing() -> None:
     pass
 
 
-def tower_kernels(args: argparse.Namespace) -> bool:
-    """Whether the tower's kernels are chosen, which takes petbreed's image path (no tower LoRA; the
-    bench adapter has none)."""
-    return args.tower_fp8 or args.vision_attention != "flash"
-
-
 def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     from serve.settings import ServeSettings, VllmSettings
 
@@ -181,8 +175,8 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         vision_graph_images=args.graph_images, render_processes=args.render_processes,
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
                         lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization,
-                        vision_tower_fp8=args.tower_fp8, vision_attention=args.vision_attention,
-                        tower_lora=not tower_kernels(args))
+                        quantize_vision_tower=args.quantize_tower, vision_attention=args.vision_attention,
+                        tower_lora=args.vision_attention == "flash")
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, merged_adapter="pets" if args.merged else None, vllm=vllm)
 
@@ -658,9 +652,9 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
            "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null"),
            "PETBREED_VLLM__QUANTIZATION": args.quantization or "null",
-           "PETBREED_VLLM__VISION_TOWER_FP8": str(args.tower_fp8).lower(),
+           "PETBREED_VLLM__QUANTIZE_VISION_TOWER": str(args.quantize_tower).lower(),
            "PETBREED_VLLM__VISION_ATTENTION": args.vision_attention,
-           "PETBREED_VLLM__TOWER_LORA": str(not tower_kernels(args)).lower(),
+           "PETBREED_VLLM__TOWER_LORA": str(args.vision_attention == "flash").lower(),
            "PETBREED_MERGED_ADAPTER": "pets" if args.merged else "null"}
     if budgets(args)[0]:
         env["PETBREED_VLLM__MAX_SOFT_TOKENS"] = str(budgets(args)[0])
@@ -758,9 +752,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", choices=get_args(Quantization),
                     help="quantization: vLLM's online quantization of the language model (default: none)")
-    ap.add_argument("--tower-fp8", action="store_true", help="vision_tower_fp8: the tower's encoder layers in fp8")
+    ap.add_argument("--quantize-tower", action="store_true",
+                    help="quantize_vision_tower: with --quantization, the vision tower's encoder layers too")
     ap.add_argument("--vision-attention", choices=["flash", "cudnn"], default=VllmSettings().vision_attention,
-                    help="vision_attention: the tower's attention kernel")
+                    help="vision_attention: the tower's attention kernel (then without tower LoRA: the bench adapter "
+                         "has none)")
     ap.add_argument("--merged", action="store_true",
                     help="merged_adapter: the bench adapter merged into the base weights, an engine without LoRA")
     ap.add_argument("--answers", type=int, default=0, metavar="N",
@@ -784,7 +780,8 @@ def main() -> None:
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size, merged=args.merged,
                   graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
-                  quantization=args.quantization, tower_fp8=args.tower_fp8, vision_attention=args.vision_attention,
+                  quantization=args.quantization, quantize_tower=args.quantize_tower,
+                  vision_attention=args.vision_attention,
                   lora_kernel_configs=args.lora_kernel_configs and str(args.lora_kernel_configs),
                   compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
     print(json.dumps(result, indent=2))

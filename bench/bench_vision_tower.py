@@ -2,9 +2,8 @@
 to the budget's patch count, so attention needs a padding mask), petbreed's image path
 (serve/vision_tower.py: the padding patches cut off, no mask), and the same replayed from a CUDA
 graph (TowerGraphs, as the engine does for steps of up to `vision_graph_images` images: with
-`--compile`, graphs of the compiled parts). `--variants` adds petbreed's image path on copies of the
-tower with the same weights: `fp8` (`vision_tower_fp8`, serve/tower_fp8.py), `cudnn`
-(`vision_attention`: cuDNN's attention first) and `fp8_cudnn` (both).
+`--compile`, graphs of the compiled parts). `--cudnn` adds petbreed's image path with cuDNN's
+attention first (`vision_attention`), on a copy of the tower with the same weights.
 
 At 280 soft tokens a 448 px square image is 2,304 patches padded to 2,520. Random weights with the
 vision shapes of the given config; transformers' modules (patch embedder, encoder, pooler), bf16 on
@@ -12,13 +11,12 @@ CUDA (float32 on CPU), without vLLM's projection into the language model. One JS
 size; the ratios are vLLM's way over each of petbreed's, measured in the same run.
 
     python bench/bench_vision_tower.py --config docs/results/h200_e4b_config.json --images 1,8,32 \
-        --compile --variants fp8,cudnn,fp8_cudnn
+        --compile --cudnn
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import sys
@@ -81,27 +79,21 @@ def tower_model(config_path: Path, device: torch.device, dtype: torch.dtype, com
                            embed_vision=lambda inputs_embeds: inputs_embeds)
 
 
-VARIANTS = ("fp8", "cudnn", "fp8_cudnn")
-
-
-def variant_way(model: Any, name: str, args: argparse.Namespace, pixels: torch.Tensor,
-                positions: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """petbreed's image path on a copy of the tower with `model`'s weights, changed as `name` says."""
+def cudnn_way(model: Any, args: argparse.Namespace, pixels: torch.Tensor,
+              positions: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """petbreed's image path with cuDNN's attention first, on a copy of the tower with `model`'s
+    weights (compiled apart, so the kernel choice is traced anew)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from serve.tower_fp8 import to_fp8
     from serve.vision_tower import encode_group
 
     copy = tower_model(args.config, pixels.device, pixels.dtype, args.compile)
     copy.vision_tower.load_state_dict(model.vision_tower.state_dict())
-    if "fp8" in name:
-        to_fp8(copy.vision_tower)
     cudnn_first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                    SDPBackend.MATH]
 
     def run() -> torch.Tensor:
-        attention = sdpa_kernel(cudnn_first, set_priority=True) if "cudnn" in name else contextlib.nullcontext()
-        with attention:
+        with sdpa_kernel(cudnn_first, set_priority=True):
             return encode_group(copy, pixels, positions)
 
     return run
@@ -142,11 +134,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=48, help="valid patches per image side (448 px at 280 tokens: 48)")
     ap.add_argument("--patches", type=int, default=2520, help="patches per image after padding")
     ap.add_argument("--compile", action="store_true", help="torch.compile the parts (the engine's GPU default)")
-    ap.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--cudnn", action="store_true", help="add petbreed's image path with cuDNN's attention first")
     ap.add_argument("--repeat", type=int, default=10)
     args = ap.parse_args()
-    if unknown := set(filter(None, args.variants.split(","))) - set(VARIANTS):
-        ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -158,8 +148,8 @@ def main() -> None:
         positions = grid_positions(images, args.side, args.patches, device)
         pixels = torch.rand(images, args.patches, patch_pixels, device=device, dtype=dtype)
         ways = three_ways(model, graphs, pixels, positions, valid)
-        for name in filter(None, args.variants.split(",")):
-            ways[f"unpadded_{name}"] = variant_way(model, name, args, pixels[:, :valid], positions[:, :valid])
+        if args.cudnn:
+            ways["unpadded_cudnn"] = cudnn_way(model, args, pixels[:, :valid], positions[:, :valid])
         with torch.inference_mode():
             out = {name: way().float() for name, way in ways.items()}
             diff = {name: relative_diff(out["vllm_padded"], o) for name, o in out.items() if name != "vllm_padded"}

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from adapter_contract.labels import BranchNode
-from adapter_contract.modules import TOWER_MODULES
+from adapter_contract.modules import AUDIO_MODULES, TOWER_MODULES
 from finetune.model import config_path
 from serve.adapter_merge import MergedAdapter
 from serve.adapters import AdapterEntry
@@ -53,7 +53,6 @@ from serve.vllm_compat import (
     GRAPH_IMAGES_ENV,
     IMAGES_APART_ENV,
     PIXEL_SCALE_ENV,
-    TOWER_FP8_ENV,
     TUNED_CONFIG_ENV,
     tower_lora_supported,
     uint8_pixels_supported,
@@ -110,7 +109,6 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
     os.environ[IMAGES_APART_ENV] = str(int(not settings.vllm.stack_images_on_cpu))
     os.environ[GRAPH_IMAGES_ENV] = str(settings.vllm.vision_graph_images)
     os.environ[PIXEL_SCALE_ENV] = repr(pixel_scale or 0.0)
-    os.environ[TOWER_FP8_ENV] = str(int(settings.vllm.vision_tower_fp8))
     os.environ[ATTENTION_ENV] = settings.vllm.vision_attention
 
 
@@ -191,9 +189,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         worker_extension_cls="serve.vllm_compat.PetbreedWorkerExtension",
     )
     if v.quantization is not None:
-        # Only the language model: transformers' vision tower casts pixels to its first linear
-        # layer's weight dtype, fp8 once quantized (vLLM 0.24's plain fp8 died so at start-up).
-        kwargs["quantization_config"] = {"ignore": [f"re:(.*\\.)?{TOWER_MODULES}"]}
+        kwargs["quantization_config"] = {"ignore": unquantized_modules(v.quantize_vision_tower)}
     if v.max_num_seqs is not None:
         kwargs["max_num_seqs"] = v.max_num_seqs
     if v.max_soft_tokens is not None:
@@ -209,6 +205,16 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
             largest = min(v.graph_max_tokens, v.max_num_batched_tokens)
             kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(largest)
     return AsyncEngineArgs(**kwargs)
+
+
+def unquantized_modules(vision_encoder_too: bool) -> list[str]:
+    """vLLM's `ignore` patterns (prefixes of layer names) of the towers' layers that stay as the
+    checkpoint has them: all of them, or all but the vision tower's encoder layers. The patch
+    embedder stays either way: transformers' tower casts pixels to its first linear layer's weight
+    dtype, fp8 once quantized (vLLM 0.24's plain fp8 died so at start-up)."""
+    if not vision_encoder_too:
+        return [f"re:(.*\\.)?{TOWER_MODULES}"]
+    return [f"re:(.*\\.)?({AUDIO_MODULES}|embed_vision)\\.", "re:(.*\\.)?vision_tower\\.(?!encoder\\.)"]
 
 
 def merged_adapter(settings: ServeSettings, model_path: str) -> MergedAdapter | None:

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapter_contract.image import SoftTokens
 
-# vLLM's online quantization schemes petbreed offers (the towers stay bf16: `engine_args`).
+# vLLM's online quantization schemes petbreed offers (the towers stay bf16 unless asked: `engine_args`).
 Quantization = Literal["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"]
 
 # vLLM's LoRA kernel configurations tuned by bench/tune_lora_kernels.py, one file per GPU and kernel.
@@ -38,6 +38,12 @@ class VllmSettings(BaseModel):
         "towers and adapters stay bf16. On an H200 fp8_per_channel served 103-114 images/s saturated against 91-93 "
         "in bf16, c=1 unchanged; check the adapter's accuracy first (bench/bench_fp8_accuracy.py, "
         "docs/performance.md). None: the checkpoint's weights as they are"
+    )
+    quantize_vision_tower: bool = Field(
+        False, description="with quantization: the vision tower's encoder layers are quantized as well (its patch "
+        "embedder and projector stay bf16), where vLLM quantizes the tower at all (Gemma 4's E2B/E4B tower: "
+        "dimensions divisible by 64). At 280 soft tokens those layers are about a quarter of an image's FLOPs. "
+        "Check the adapter's accuracy first (bench/bench_fp8_accuracy.py --tower)"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "
@@ -80,12 +86,6 @@ class VllmSettings(BaseModel):
         "kernels from Python; 0: off. On an H200, with the tower compiled, one image took 3.3 ms replayed against "
         "9.4 ms without a graph; 8 images 19.7 against 20.4 (docs/performance.md). Graph memory comes on top "
         "of gpu_memory_utilization"
-    )
-    vision_tower_fp8: bool = Field(
-        False, description="with petbreed's image path (no tower LoRA): the vision tower's encoder layers multiply "
-        "in fp8 (Hopper and newer), weights per output channel and activations per token as fp8_per_channel "
-        "does for the language model (serve/tower_fp8.py); at 280 soft tokens the tower is about a quarter "
-        "of an image's FLOPs. Check the adapter's accuracy first (bench/bench_fp8_accuracy.py --tower)"
     )
     vision_attention: Literal["flash", "cudnn"] = Field(
         "flash", description="the attention kernel PyTorch runs in the vision tower on petbreed's image path: "
@@ -182,12 +182,14 @@ class ServeSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _tower_settings_have_their_image_path(self) -> Self:
-        # Tower LoRA (vLLM >= 0.32) runs vLLM's own image path, where these would silently do nothing.
+    def _tower_settings_apply(self) -> Self:
+        # Tower LoRA (vLLM >= 0.32) runs vLLM's own image path, where the attention choice would do nothing.
         v = self.vllm
-        if (v.vision_tower_fp8 or v.vision_attention != "flash") and v.tower_lora and self.merged_adapter is None:
-            raise ValueError("vision_tower_fp8 and vision_attention apply to petbreed's image path: set "
-                             "vllm.tower_lora to false, or serve a merged_adapter")
+        if v.vision_attention != "flash" and v.tower_lora and self.merged_adapter is None:
+            raise ValueError("vision_attention applies to petbreed's image path: set vllm.tower_lora to false, or "
+                             "serve a merged_adapter")
+        if v.quantize_vision_tower and v.quantization is None:
+            raise ValueError("quantize_vision_tower needs a quantization scheme (vllm.quantization)")
         return self
 
     @model_validator(mode="after")

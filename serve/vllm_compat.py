@@ -65,14 +65,12 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from serve.tower_fp8 import to_fp8
 from serve.vision_tower import TowerGraphs, compile_for_one_and_several, compile_tower, encode_group, encode_images
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
 GRAPH_IMAGES_ENV = "PETBREED_VISION_GRAPH_IMAGES"
 PIXEL_SCALE_ENV = "PETBREED_PIXEL_SCALE"
-TOWER_FP8_ENV = "PETBREED_VISION_TOWER_FP8"
 ATTENTION_ENV = "PETBREED_VISION_ATTENTION"
 TUNED_CONFIG_ENV = "VLLM_TUNED_CONFIG_FOLDER"  # vLLM's own: where it looks for LoRA kernel configurations
 
@@ -81,7 +79,6 @@ _images_apart = os.environ.get(IMAGES_APART_ENV) == "1"
 _unpadded_images = True
 _graph_images = int(os.environ.get(GRAPH_IMAGES_ENV, "0"))
 _pixel_scale = float(os.environ.get(PIXEL_SCALE_ENV, "0"))
-_tower_fp8 = os.environ.get(TOWER_FP8_ENV) == "1"
 _attention = os.environ.get(ATTENTION_ENV, "flash")
 # Where cuDNN's attention cannot run (CPU, a shape it refuses), the next backend does.
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -117,8 +114,6 @@ class PetbreedWorkerExtension:
         # The worker's own method, not its model runner's: from vLLM 0.32 on it makes the engine's
         # config current, as vLLM's own loading does, for the quantization code the reload re-runs.
         self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
-        if _tower_fp8:  # the reload wrote the tower's bf16 weights; its fp8 copies follow them
-            to_fp8(self.get_model().vision_tower)  # type: ignore[attr-defined]
 
     def petbreed_lora_kernel_configs(self, folder: str | None) -> None:
         """vLLM's LoRA kernel configurations from `folder` (its VLLM_TUNED_CONFIG_FOLDER), or its
@@ -182,10 +177,9 @@ def _patch_gemma4_vision_compile() -> None:
     @functools.wraps(original)  # vLLM reads the signature (keyword-only `vllm_config`)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self._petbreed_compiled = os.environ.get(COMPILE_VISION_ENV) == "1"
-        if self._petbreed_compiled:
+        if os.environ.get(COMPILE_VISION_ENV) == "1":
             compile_tower(self.vision_tower)
-        self._petbreed_start_pending = True
+            self._petbreed_compile_pending = True
 
     __init__._petbreed_patched = True  # type: ignore[attr-defined]
     model_cls.__init__ = __init__
@@ -202,9 +196,9 @@ def _patch_gemma4_image_path() -> None:
         positions = image_input["pixel_position_ids"]
         if _unpadded_images and not getattr(self, "_enable_mm_lora", False):
             with _tower_attention():
-                if getattr(self, "_petbreed_start_pending", False):  # vLLM's start-up profile: weights loaded
-                    self._petbreed_start_pending = False
-                    _prepare_tower(self, pixels, positions)
+                if getattr(self, "_petbreed_compile_pending", False):  # vLLM's start-up profile
+                    self._petbreed_compile_pending = False
+                    compile_for_one_and_several(self, pixels, positions)
                 tokens = encode_images(self, pixels, positions, _tower_encoder(self, pixels))
             if tokens is not None:
                 return tokens
@@ -220,15 +214,6 @@ def _tower_attention() -> contextlib.AbstractContextManager[None]:
     if _attention == "cudnn":
         return sdpa_kernel(_CUDNN_FIRST, set_priority=True)
     return contextlib.nullcontext()
-
-
-def _prepare_tower(model: Any, pixels: Any, positions: Any) -> None:
-    """Once, at vLLM's start-up profile, so its memory counts: the tower's fp8 weights, then both of
-    its compilations."""
-    if _tower_fp8:
-        to_fp8(model.vision_tower)
-    if model._petbreed_compiled:
-        compile_for_one_and_several(model, pixels, positions)
 
 
 def model_pixels(pixels: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> Any:

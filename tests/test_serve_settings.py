@@ -43,12 +43,11 @@ def test_a_request_at_the_image_limit_must_fit_the_queue() -> None:
         ServeSettings(max_images=8, queue_size=4)
 
 
-@pytest.mark.parametrize("tower", [{"vision_tower_fp8": True}, {"vision_attention": "cudnn"}])
-def test_the_towers_kernels_are_chosen_only_where_petbreeds_image_path_runs(tower: dict) -> None:
+def test_the_towers_attention_is_chosen_only_where_petbreeds_image_path_runs() -> None:
     with pytest.raises(ValidationError, match="tower_lora"):
-        ServeSettings(vllm=VllmSettings(**tower))
-    assert ServeSettings(vllm=VllmSettings(tower_lora=False, **tower))
-    assert ServeSettings(merged_adapter="pets", vllm=VllmSettings(**tower))
+        ServeSettings(vllm=VllmSettings(vision_attention="cudnn"))
+    assert ServeSettings(vllm=VllmSettings(tower_lora=False, vision_attention="cudnn"))
+    assert ServeSettings(merged_adapter="pets", vllm=VllmSettings(vision_attention="cudnn"))
 
 
 @pytest.mark.parametrize(("torch_compile", "mode"), [(False, 0), (True, 3)])
@@ -92,6 +91,24 @@ def test_fp8_quantizes_the_language_model_and_leaves_the_towers_in_bf16(tiny_mod
         assert not should_ignore_layer(language, ignore), language
     with pytest.raises(ValidationError, match="quantization"):
         VllmSettings(quantization="int4")  # type: ignore[arg-type]
+
+
+def test_the_vision_towers_encoder_layers_can_be_quantized_too(tiny_model: Path) -> None:
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+
+    from serve import engine
+
+    settings = ServeSettings(vllm=VllmSettings(quantization="fp8_per_channel", quantize_vision_tower=True))
+    ignore = engine.engine_args(settings, str(tiny_model)).quantization_config.ignore
+    for layer in ("vision_tower.encoder.layers.0.mlp.up_proj.linear", "model.language_model.layers.0.mlp.up_proj",
+                  "model.vision_tower.encoder.layers.15.self_attn.o_proj.linear"):
+        assert not should_ignore_layer(layer, ignore), layer
+    for kept in ("vision_tower.patch_embedder.input_proj", "model.vision_tower.patch_embedder.input_proj",
+                 "model.embed_vision.embedding_projection", "audio_tower.layers.3.ffw.linear",
+                 "model.embed_audio.embedding_projection"):
+        assert should_ignore_layer(kept, ignore), kept
+    with pytest.raises(ValidationError, match="quantization scheme"):
+        ServeSettings(vllm=VllmSettings(quantize_vision_tower=True))
 
 
 def test_a_merged_adapter_is_the_default_and_its_engine_has_no_lora(

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from finetune.model import load_base, load_processor
-from serve.tower_fp8 import to_fp8
 from serve.vision_tower import compile_for_one_and_several, compile_tower, encode_group, encode_images
 
 
@@ -31,13 +30,10 @@ def images(processor: Any, sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_after_the_start_up_call_no_batch_of_images_compiles_the_tower_again(tiny_model: Path, fp8: bool) -> None:
+def test_after_the_start_up_call_no_batch_of_images_compiles_the_tower_again(tiny_model: Path) -> None:
     model = load_base(str(tiny_model), torch.device("cpu")).model
     model.model_dtype = torch.float32  # what vLLM's Gemma 4 has and transformers' lacks
     compile_tower(model.vision_tower)
-    if fp8:  # `vision_tower_fp8`: made at the start-up call too, before it compiles
-        to_fp8(model.vision_tower)
     processor = load_processor(str(tiny_model))
     with torch.no_grad():
         pixels, positions = images(processor, [(64, 64)] * 3)  # the start-up profile's batch

@@ -15,6 +15,7 @@ from serve import engine, vllm_compat
 from serve.engine import raw_pixel_scale, set_vllm_environment
 from serve.settings import TUNED_LORA_KERNELS, ServeSettings, VllmSettings
 from serve.vllm_compat import (
+    ATTENTION_ENV,
     COMPILE_VISION_ENV,
     IMAGES_APART_ENV,
     PIXEL_SCALE_ENV,
@@ -50,7 +51,7 @@ def engine_environment() -> Iterator[None]:
     """The variables `set_vllm_environment` writes, unset for the test; the whole environment put
     back after it. (Not through monkeypatch, whose undo puts back what the code under test set.)"""
     saved = dict(os.environ)
-    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, "TORCHINDUCTOR_CACHE_DIR",
+    for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, ATTENTION_ENV, "TORCHINDUCTOR_CACHE_DIR",
                  "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
                  "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER", "TRITON_CACHE_DIR"):
         os.environ.pop(name, None)
@@ -64,6 +65,13 @@ def engine_environment() -> Iterator[None]:
 def test_the_setting_reaches_the_engine_process_environment(stack: bool, apart: str) -> None:
     set_vllm_environment(ServeSettings(vllm=VllmSettings(stack_images_on_cpu=stack)))
     assert os.environ[IMAGES_APART_ENV] == apart
+
+
+@pytest.mark.usefixtures("engine_environment")
+@pytest.mark.parametrize("attention", ["flash", "cudnn"])
+def test_the_towers_attention_choice_reaches_the_engine_process_environment(attention: str) -> None:
+    set_vllm_environment(ServeSettings(merged_adapter="pets", vllm=VllmSettings(vision_attention=attention)))
+    assert os.environ[ATTENTION_ENV] == attention
 
 
 @pytest.mark.usefixtures("engine_environment")

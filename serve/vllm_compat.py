@@ -49,6 +49,11 @@ throughput and c=1 p50 47.7 instead of 71.8 ms (docs/performance.md). vLLM's enc
 (>= 0.32, `cudagraph_mm_encoder`, off) would read the pixels before this runs, so petbreed does not turn
 them on.
 
+On petbreed's image path the tower's attention runs through PyTorch's SDPA, FlashAttention 2 by
+default: 12.5 % of a merged, saturated step's GPU time on an H200 (docs/performance.md). With
+ATTENTION_ENV set to `cudnn` (setting `vision_attention`), cuDNN's fused attention, which has Hopper
+kernels, comes first; PyTorch falls back to the others where it cannot run (CPU, a refused shape).
+
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """

@@ -254,7 +254,8 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
 ) -> None:
     """`tower_lora` off, as on vLLM 0.24: images go through the tower without their padding patches,
     one call per patch count, and a language-model-only adapter answers as transformers + PEFT do.
-    Each image has another shape (so another patch count) and they arrive in one request."""
+    Each image has another shape (so another patch count) and they arrive in one request. cuDNN's
+    attention is asked for first (`vision_attention`), which on a CPU falls back to the others."""
     registry = str(tmp_path / "registry")
     lm_only = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
     publish_random_adapter(tiny_model, registry, LabelSet(labels=BREEDS[:6]), lm_only, std=0.3)
@@ -266,7 +267,7 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
         shaped.append((label, out))
     port = free_port()
     env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_VLLM__TOWER_LORA": "false"}
+           "PETBREED_VLLM__TOWER_LORA": "false", "PETBREED_VLLM__VISION_ATTENTION": "cudnn"}
     with running_server(tiny_model, env, port, tmp_path) as server, \
             httpx.Client(base_url=str(server["url"]), timeout=120) as client:
         assert_parity(client, registry, tiny_model, shaped, tmp_path)

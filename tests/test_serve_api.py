@@ -615,3 +615,36 @@ def test_evaluation_report_and_confusion_matrix_of_a_version(client: httpx.Clien
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_adapter"
     without = client.get("/v1/models/cats/1/report")
     assert without.status_code == 404 and without.json()["error"]["code"] == "no_report"
+
+
+
+def test_with_quantize_vision_tower_vllm_rounds_the_towers_encoder_layers_too(
+    test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """vLLM's CPU build runs its online fp8 too. On a tiny model whose tower it can quantize (64 wide,
+    a multiple of 64 as E2B/E4B's 768), the server answers with the language model in fp8, then
+    again with `quantize_vision_tower`: each answers every image twice to the bit, and the tower's
+    rounding moves the answers. How far it may move them is bench/bench_fp8_accuracy.py's question."""
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny64", TinyModelConfig(vision_hidden=64))
+    registry = str(tmp_path / "registry")
+    lm_only = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), lm_only, std=0.3)
+    data = [jpeg(path) for _, path in test_images[:4]]
+    answers = {}
+    for tower in ("false", "true"):
+        port, workdir = free_port(), tmp_path / f"tower_{tower}"
+        workdir.mkdir()
+        env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
+               "PETBREED_VLLM__TOWER_LORA": "false", "PETBREED_VLLM__DTYPE": "bfloat16",
+               "PETBREED_VLLM__QUANTIZATION": "fp8_per_channel", "PETBREED_VLLM__QUANTIZE_VISION_TOWER": tower}
+        with running_server(model, env, port, workdir) as server, \
+                httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+            first, again = (predict_files(client, data, top_k="6").json()["predictions"] for _ in range(2))
+        answers[tower] = [full_distribution(p) for p in first]
+        assert answers[tower] == [full_distribution(p) for p in again]
+        assert all(sum(a.values()) == pytest.approx(1, abs=1e-3) for a in answers[tower])
+    pairs = zip(answers["false"], answers["true"], strict=True)
+    moved = [max(abs(q[label] - p[label]) for label in p) for p, q in pairs]
+    assert max(moved) > 1e-3, moved

@@ -35,9 +35,9 @@ class VllmSettings(BaseModel):
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "
         "(Hopper and newer); fp8_per_channel scales activations per token, as llmcompressor's FP8_DYNAMIC. The "
-        "towers and adapters stay bf16. On an H200 fp8_per_channel served 103-114 images/s saturated against 91-93 "
-        "in bf16, c=1 unchanged; check the adapter's accuracy first (bench/bench_fp8_accuracy.py, "
-        "docs/performance.md). None: the checkpoint's weights as they are"
+        "towers (unless quantize_vision_tower) and adapters stay bf16. On an H200 fp8_per_channel served 103-114 "
+        "images/s saturated against 91-93 in bf16, c=1 unchanged; check the adapter's accuracy first "
+        "(bench/bench_fp8_accuracy.py, docs/performance.md). None: the checkpoint's weights as they are"
     )
     quantize_vision_tower: bool = Field(
         False, description="with quantization: the vision tower's encoder layers are quantized as well (its patch "

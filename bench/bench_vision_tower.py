@@ -83,17 +83,16 @@ def cudnn_way(model: Any, args: argparse.Namespace, pixels: torch.Tensor,
               positions: torch.Tensor) -> Callable[[], torch.Tensor]:
     """petbreed's image path with cuDNN's attention first, on a copy of the tower with `model`'s
     weights (compiled apart, so the kernel choice is traced anew)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from serve.vision_tower import encode_group
+    from serve.vllm_compat import CUDNN_FIRST
 
     copy = tower_model(args.config, pixels.device, pixels.dtype, args.compile)
     copy.vision_tower.load_state_dict(model.vision_tower.state_dict())
-    cudnn_first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                   SDPBackend.MATH]
 
     def run() -> torch.Tensor:
-        with sdpa_kernel(cudnn_first, set_priority=True):
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
             return encode_group(copy, pixels, positions)
 
     return run

@@ -86,7 +86,7 @@ _graph_images = int(os.environ.get(GRAPH_IMAGES_ENV, "0"))
 _pixel_scale = float(os.environ.get(PIXEL_SCALE_ENV, "0"))
 _attention = os.environ.get(ATTENTION_ENV, "flash")
 # Where cuDNN's attention cannot run (CPU, a shape it refuses), the next backend does.
-_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class PetbreedWorkerExtension:
@@ -217,7 +217,7 @@ def _tower_attention() -> contextlib.AbstractContextManager[None]:
     """PyTorch's attention backends in the order `vision_attention` prefers. Compiled tower layers
     keep the kernel chosen when they were compiled, which happens inside this too."""
     if _attention == "cudnn":
-        return sdpa_kernel(_CUDNN_FIRST, set_priority=True)
+        return sdpa_kernel(CUDNN_FIRST, set_priority=True)
     return contextlib.nullcontext()
 
 

@@ -32,6 +32,8 @@ from finetune.tiny_model import make_random_adapter, publish_random_adapter
 from tests.conftest import free_port, running_server
 
 TOKEN = "test-admin-token"
+# A random adapter on the language model only: it takes petbreed's image path whatever the vLLM.
+LM_ONLY = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
 MAX_IMAGES = 4
 LIMITS = {"PETBREED_MAX_IMAGES": "4", "PETBREED_QUEUE_SIZE": "4", "PETBREED_MAX_BODY_BYTES": "2000000",
           "PETBREED_MAX_PIXELS": "1000000"}
@@ -257,8 +259,7 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
     Each image has another shape (so another patch count) and they arrive in one request. cuDNN's
     attention is asked for first (`vision_attention`), which on a CPU falls back to the others."""
     registry = str(tmp_path / "registry")
-    lm_only = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
-    publish_random_adapter(tiny_model, registry, LabelSet(labels=BREEDS[:6]), lm_only, std=0.3)
+    publish_random_adapter(tiny_model, registry, LabelSet(labels=BREEDS[:6]), LM_ONLY, std=0.3)
     shaped = []
     for (label, path), size in zip(test_images, [(96, 64), (64, 96), (80, 80), (120, 40), (50, 70), (64, 64)],
                                    strict=True):
@@ -617,7 +618,6 @@ def test_evaluation_report_and_confusion_matrix_of_a_version(client: httpx.Clien
     assert without.status_code == 404 and without.json()["error"]["code"] == "no_report"
 
 
-
 def test_with_quantize_vision_tower_vllm_rounds_the_towers_encoder_layers_too(
     test_images: list[tuple[str, Path]], tmp_path: Path
 ) -> None:
@@ -629,8 +629,7 @@ def test_with_quantize_vision_tower_vllm_rounds_the_towers_encoder_layers_too(
 
     model = make_tiny_model(tmp_path / "tiny64", TinyModelConfig(vision_hidden=64))
     registry = str(tmp_path / "registry")
-    lm_only = LoraSettings(r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)")
-    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), lm_only, std=0.3)
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), LM_ONLY, std=0.3)
     data = [jpeg(path) for _, path in test_images[:4]]
     answers = {}
     for tower in ("false", "true"):

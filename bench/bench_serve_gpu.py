@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -302,17 +301,23 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
     rows = []
     # Every sweep gets its own images (seeds), so no sweep finds the previous one's in a cache.
     seed0 = 0
-    stages: Counter[str] = Counter()
+    stages: dict[str, tuple[float, float]] = {}  # (seconds, count) per stage since the last row
 
-    def second_rounds() -> dict[str, Any]:
-        """The share of images whose answer needed a second round (deeper trie nodes): it depends on
-        the answers, so ways that change them (--ab lora) can differ in work per image."""
-        share = stages["round2"] / max(1, stages["round1"])
+    def observe(stage: str, seconds: float) -> None:
+        total, count = stages.get(stage, (0.0, 0.0))
+        stages[stage] = (total + seconds, count + 1)
+
+    def per_row() -> dict[str, Any]:
+        """The classifier's mean time per stage, as HTTP rows have the server's, and the share of
+        images whose answer needed a second round (deeper trie nodes): it depends on the answers, so
+        ways that change them (--ab lora) can differ in work per image."""
+        share = stages.get("round2", (0, 0))[1] / max(1, stages.get("round1", (0, 0))[1])
+        means = stage_means({}, stages)
         stages.clear()
-        return {"second_round_share": round(share, 3)}
+        return {"second_round_share": round(share, 3), **means}
 
     for budget in budgets(args):
-        classifier = replace(engine, soft_tokens=budget, observe=lambda stage, _seconds: stages.update([stage]))
+        classifier = replace(engine, soft_tokens=budget, observe=observe)
         for top_k in top_ks(args):
 
             async def petbreed(image: Image.Image, classifier: Any = classifier, top_k: int | None = top_k) -> None:
@@ -321,7 +326,7 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
             name = f"petbreed_engine_{budget or 'default'}" + (f"_top{top_k}" if top_k else "")
             variants = ab_variants(classifier, args)
             rows += await sweep(name, in_process(petbreed), images, levels, requests_for(args), seed0, variants,
-                                second_rounds)
+                                per_row)
             seed0 += 1_000_000
 
     if args.no_reference:

@@ -34,9 +34,10 @@ class VllmSettings(BaseModel):
     )
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "
-        "(Hopper and newer); fp8_per_channel scales activations per token, as llmcompressor's FP8_DYNAMIC. The "
-        "towers (unless quantize_vision_tower) and adapters stay bf16. On an H200 fp8_per_channel served 103-114 "
-        "images/s saturated against 91-93 in bf16, c=1 unchanged; check the adapter's accuracy first "
+        "(fp8 multiplies on compute capability 8.9 and newer: L4, RTX PRO 6000, H100/H200; per vLLM's docs older GPUs "
+        "store fp8 weights only, through Marlin); fp8_per_channel scales activations per token, as llmcompressor's "
+        "FP8_DYNAMIC. The towers (unless quantize_vision_tower) and adapters stay bf16. On an H200 fp8_per_channel "
+        "served 103-114 images/s saturated against 91-93 in bf16, c=1 unchanged; check the adapter's accuracy first "
         "(bench/bench_fp8_accuracy.py, docs/performance.md). None: the checkpoint's weights as they are"
     )
     quantize_vision_tower: bool = Field(

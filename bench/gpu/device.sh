@@ -60,6 +60,7 @@ for s in "$@"; do
     tune-lora) step tune-lora 90 "python3 bench/tune_lora_kernels.py --config $MODEL/config.json --rank ${RANK:-16} \
              --budget-s ${TUNE_S:-240} --out $OUT/lora --json $OUT/tune_lora.json" ;;
     image-copy) step image-copy 60 "python3 bench/bench_image_copy.py --json $OUT/image_copy.json" ;;
+    images) step images 60 "python3 bench/bench_images.py --repeats 5 --json $OUT/images.json" ;;
     serve-engine) step serve-engine ${NEED:-240} "python3 bench/bench_serve_gpu.py engine --model $MODEL $SERVE_FLAGS \
              --soft-tokens ${SOFT:-280,140,70} --anatomy ${ANATOMY:-0} --json $OUT/serve_engine.json" ;;
     serve-http) step serve-http 180 "python3 bench/bench_serve_gpu.py http --model $MODEL $SERVE_FLAGS \

@@ -311,9 +311,9 @@ async def engine_sweeps(args: argparse.Namespace, state: Any, images: Images, st
         """The classifier's mean time per stage, as HTTP rows have the server's, and the share of
         images whose answer needed a second round (deeper trie nodes): it depends on the answers, so
         ways that change them (--ab lora) can differ in work per image."""
-        share = stages.get("round2", (0, 0))[1] / max(1, stages.get("round1", (0, 0))[1])
         means = stage_means({}, stages)
         stages.clear()
+        share = means.get("round2_n", 0) / max(1, means.get("round1_n", 0))
         return {"second_round_share": round(share, 3), **means}
 
     for budget in budgets(args):

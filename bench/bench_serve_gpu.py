@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import io
 import itertools
 import json
@@ -89,8 +88,6 @@ def progress(message: str) -> None:
 
 def publish_bench_adapter(model: Path, root: Path) -> str:
     """A rank-16 LoRA on the language model with a 37-breed manifest, in a fresh local registry."""
-    import torch
-
     from adapter_contract.labels import LabelSet
     from finetune.model import LoraSettings
     from finetune.synthetic import BREEDS
@@ -99,10 +96,6 @@ def publish_bench_adapter(model: Path, root: Path) -> str:
     registry = str(root / "registry")
     lora = LoraSettings(r=16, alpha=16, targets=LM_TARGETS)
     publish_random_adapter(model, registry, LabelSet(labels=BREEDS), lora, std=0.01)
-    # The adapter is drawn on the GPU. vLLM checks at start that gpu_memory_utilization is free:
-    # the 15.5 GiB torch still cached afterwards failed 0.85 on an H100 (2026-12-05).
-    gc.collect()
-    torch.cuda.empty_cache()
     return registry
 
 

@@ -103,6 +103,9 @@ def set_vllm_environment(settings: ServeSettings, pixel_scale: float | None = No
     # (H200, tuned configurations: a fresh server's first saturated level 55.6-58.0 instead of 83-84 img/s);
     # its cache keeps them for the next start on the same terms. Unset, it is in the home folder.
     os.environ.setdefault("TRITON_CACHE_DIR", str(settings.cache_dir.resolve() / "triton"))
+    # vLLM's own compile cache goes there too: with torch_compile, compiling the language model
+    # adds about 140 s to a start (H100, docs/performance.md). Unset, it is in the home folder.
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(settings.cache_dir.resolve() / "vllm"))
     # Not user-facing variables (the settings are): they carry the settings to the spawned workers.
     compile_vision = settings.vllm.compile_vision_tower
     os.environ[COMPILE_VISION_ENV] = str(int(_has_cuda() if compile_vision is None else compile_vision))

@@ -30,7 +30,12 @@ class VllmSettings(BaseModel):
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     torch_compile: bool = Field(
         False, description="with CUDA graphs: full graphs of the torch.compiled model (minutes of start-up; steps "
-        "too large for a graph run compiled too) instead of the eager model's (seconds)"
+        "too large for a graph run compiled too) instead of the eager model's (seconds). Inductor can then fuse the "
+        "elementwise work around the multiplies (norms, activations, fp8's activation scaling: about a quarter of a "
+        "saturated step's GPU time eagerly). On an H100, merged with fp8 weights: 141.2 against 125.1-126.3 "
+        "images/s saturated and concurrency 1's p50 30.8 against 49.1 ms (two machines, not one run), ready after "
+        "408 against 265 s. vLLM keeps the compiled code in PETBREED_CACHE_DIR/vllm for a restart "
+        "(docs/performance.md)"
     )
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "

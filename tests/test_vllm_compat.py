@@ -53,7 +53,7 @@ def engine_environment() -> Iterator[None]:
     saved = dict(os.environ)
     for name in (IMAGES_APART_ENV, COMPILE_VISION_ENV, PIXEL_SCALE_ENV, ATTENTION_ENV, "TORCHINDUCTOR_CACHE_DIR",
                  "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_WORKER_MULTIPROC_METHOD",
-                 "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER", "TRITON_CACHE_DIR"):
+                 "OMP_NUM_THREADS", "VLLM_TUNED_CONFIG_FOLDER", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT"):
         os.environ.pop(name, None)
     yield
     os.environ.clear()
@@ -93,14 +93,15 @@ def test_inductors_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
 
 
 @pytest.mark.usefixtures("engine_environment")
-def test_tritons_cache_goes_to_the_cache_folder_unless_the_operator_chose_one(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(("variable", "folder"), [("TRITON_CACHE_DIR", "triton"), ("VLLM_CACHE_ROOT", "vllm")])
+def test_tritons_and_vllms_caches_go_to_the_cache_folder_unless_the_operator_chose_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, folder: str
 ) -> None:
     set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
-    monkeypatch.setenv("TRITON_CACHE_DIR", "/mnt/warm")
+    assert os.environ[variable] == str(tmp_path / "cache" / folder)
+    monkeypatch.setenv(variable, "/mnt/warm")
     set_vllm_environment(ServeSettings(cache_dir=tmp_path / "cache"))
-    assert os.environ["TRITON_CACHE_DIR"] == "/mnt/warm"
+    assert os.environ[variable] == "/mnt/warm"
 
 
 @pytest.mark.usefixtures("engine_environment")

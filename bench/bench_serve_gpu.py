@@ -762,7 +762,7 @@ def main() -> None:
                     help="quantization: vLLM's online quantization of the language model (default: none)")
     ap.add_argument("--quantize-tower", action="store_true",
                     help="quantize_vision_tower: with --quantization, the vision tower's encoder layers too")
-    ap.add_argument("--vision-attention", choices=["flash", "cudnn", "vllm"], default=VllmSettings().vision_attention,
+    ap.add_argument("--vision-attention", choices=["flash", "cudnn"], default=VllmSettings().vision_attention,
                     help="vision_attention: the tower's attention kernel (then without tower LoRA: the bench adapter "
                          "has none)")
     ap.add_argument("--merged", action="store_true",

@@ -3,8 +3,7 @@ to the budget's patch count, so attention needs a padding mask), petbreed's imag
 (serve/vision_tower.py: the padding patches cut off, no mask), and the same replayed from a CUDA
 graph (TowerGraphs, as the engine does for steps of up to `vision_graph_images` images: with
 `--compile`, graphs of the compiled parts). `--cudnn` adds petbreed's image path with cuDNN's
-attention first, and `--vllm-flash` with vLLM's FlashAttention build (`vision_attention`), each on
-a copy of the tower with the same weights.
+attention first (`vision_attention`), on a copy of the tower with the same weights.
 
 At 280 soft tokens a 448 px square image is 2,304 patches padded to 2,520. Random weights with the
 vision shapes of the given config; transformers' modules (patch embedder, encoder, pooler), bf16 on
@@ -18,7 +17,6 @@ size; the ratios are vLLM's way over each of petbreed's, measured in the same ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import sys
@@ -81,23 +79,20 @@ def tower_model(config_path: Path, device: torch.device, dtype: torch.dtype, com
                            embed_vision=lambda inputs_embeds: inputs_embeds)
 
 
-def attention_way(model: Any, args: argparse.Namespace, pixels: torch.Tensor, positions: torch.Tensor,
-                  attention: str) -> Callable[[], torch.Tensor]:
-    """petbreed's image path with the tower's attention as `vision_attention` chooses it (`cudnn`:
-    cuDNN's first; `vllm`: vLLM's FlashAttention build), on a copy of the tower with `model`'s
+def cudnn_way(model: Any, args: argparse.Namespace, pixels: torch.Tensor,
+              positions: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """petbreed's image path with cuDNN's attention first, on a copy of the tower with `model`'s
     weights (compiled apart, so the kernel choice is traced anew)."""
     from torch.nn.attention import sdpa_kernel
 
-    from serve.vision_tower import encode_group, use_vllm_flash_attention
+    from serve.vision_tower import encode_group
     from serve.vllm_compat import CUDNN_FIRST
 
     copy = tower_model(args.config, pixels.device, pixels.dtype, args.compile)
     copy.vision_tower.load_state_dict(model.vision_tower.state_dict())
-    if attention == "vllm":
-        use_vllm_flash_attention(copy.vision_tower)
 
     def run() -> torch.Tensor:
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True) if attention == "cudnn" else contextlib.nullcontext():
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
             return encode_group(copy, pixels, positions)
 
     return run
@@ -139,8 +134,6 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=2520, help="patches per image after padding")
     ap.add_argument("--compile", action="store_true", help="torch.compile the parts (the engine's GPU default)")
     ap.add_argument("--cudnn", action="store_true", help="add petbreed's image path with cuDNN's attention first")
-    ap.add_argument("--vllm-flash", action="store_true",
-                    help="add petbreed's image path with vLLM's FlashAttention build (version 3 on Hopper)")
     ap.add_argument("--repeat", type=int, default=10)
     args = ap.parse_args()
 
@@ -154,9 +147,8 @@ def main() -> None:
         positions = grid_positions(images, args.side, args.patches, device)
         pixels = torch.rand(images, args.patches, patch_pixels, device=device, dtype=dtype)
         ways = three_ways(model, graphs, pixels, positions, valid)
-        unpadded = pixels[:, :valid], positions[:, :valid]
-        for attention in (name for name, chosen in (("cudnn", args.cudnn), ("vllm", args.vllm_flash)) if chosen):
-            ways[f"unpadded_{attention}"] = attention_way(model, args, *unpadded, attention)
+        if args.cudnn:
+            ways["unpadded_cudnn"] = cudnn_way(model, args, pixels[:, :valid], positions[:, :valid])
         with torch.inference_mode():
             out = {name: way().float() for name, way in ways.items()}
             diff = {name: relative_diff(out["vllm_padded"], o) for name, o in out.items() if name != "vllm_padded"}

@@ -93,10 +93,10 @@ class VllmSettings(BaseModel):
         "9.4 ms without a graph; 8 images 19.7 against 20.4 (docs/performance.md). Graph memory comes on top "
         "of gpu_memory_utilization"
     )
-    vision_attention: Literal["flash", "cudnn", "vllm"] = Field(
-        "flash", description="the attention kernel the vision tower runs on petbreed's image path: flash "
-        "(FlashAttention 2, PyTorch's default), cudnn (cuDNN's fused attention, which has Hopper kernels) or vllm "
-        "(vLLM's own FlashAttention build: version 3 on Hopper); both fall back to PyTorch's where they cannot run"
+    vision_attention: Literal["flash", "cudnn"] = Field(
+        "flash", description="the attention kernel PyTorch runs in the vision tower on petbreed's image path: "
+        "flash (FlashAttention 2, PyTorch's default) or cudnn (cuDNN's fused attention, which has Hopper "
+        "kernels); cudnn falls back to the others where it cannot run"
     )
     uint8_pixels: bool = Field(
         True, description="images travel from the front-end to the engine as 8-bit patches and are rescaled to "

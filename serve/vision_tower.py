@@ -37,12 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger("petbreed.serve.vision_tower")
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pixels, positions) -> soft tokens
-VLLM_FLASH = "petbreed_vllm_flash"  # the name the tower's config gives its attention function
 
 
 def real_patch_counts(positions: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
@@ -78,38 +76,6 @@ def compile_tower(tower: Any) -> None:
     (280 soft tokens for a 256-token image, bench_vision_tower.py on 2026-12-02)."""
     for module in (tower.patch_embedder, *tower.encoder.layers):
         module.compile(dynamic=True)
-
-
-def use_vllm_flash_attention(tower: Any) -> None:
-    """The tower's attention through vLLM's FlashAttention build: version 3 on Hopper, where
-    PyTorch's SDPA has version 2 only (the tower's attention was 12.5 % of a merged saturated
-    step's GPU time on an H200). Registered as a transformers attention function and named in the
-    tower's config, which every layer reads at each call."""
-    from transformers import AttentionInterface
-    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-    from vllm.v1.attention.ops.vit_attn_wrappers import vit_flash_attn_wrapper
-
-    version = get_flash_attn_version(head_size=tower.config.head_dim)  # None without a FlashAttention build
-    attend = functools.partial(vit_flash_attn_wrapper, is_rocm_aiter=False, fa_version=version)
-    AttentionInterface.register(VLLM_FLASH, functools.partial(vllm_flash_attention,
-                                                              attend=attend if version else None))
-    tower.config._attn_implementation = VLLM_FLASH
-
-
-def vllm_flash_attention(
-    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-    *, attend: Callable[..., torch.Tensor] | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface, (images, heads, patches, head dim) in and (images, patches,
-    heads, head dim) out, over vLLM's `vit_flash_attn_wrapper` (`attend`: a custom op, opaque to the
-    compiler, which vLLM's own vision encoders use). Calls it cannot take, a padding mask (vLLM's own
-    padded path) or tensors off the GPU, go to SDPA as without the setting."""
-    if attend is None or attention_mask is not None or not query.is_cuda:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
-        return out, None
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    return attend(q, k, v, batch_size=q.shape[0], scale=scaling), None
 
 
 def compile_for_one_and_several(model: Any, pixels: torch.Tensor | Sequence[torch.Tensor],

@@ -53,9 +53,6 @@ On petbreed's image path the tower's attention runs through PyTorch's SDPA, Flas
 default: 12.5 % of a merged, saturated step's GPU time on an H200 (docs/performance.md). With
 ATTENTION_ENV set to `cudnn` (setting `vision_attention`), cuDNN's fused attention, which has Hopper
 kernels, comes first; PyTorch falls back to the others where it cannot run (CPU, a refused shape).
-Set to `vllm`, the tower's attention is vLLM's own FlashAttention build (version 3 on Hopper, which
-PyTorch does not ship), through the custom op vLLM's vision encoders use, so it compiles and
-captures in graphs (`use_vllm_flash_attention`).
 
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
@@ -73,14 +70,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from serve.vision_tower import (
-    TowerGraphs,
-    compile_for_one_and_several,
-    compile_tower,
-    encode_group,
-    encode_images,
-    use_vllm_flash_attention,
-)
+from serve.vision_tower import TowerGraphs, compile_for_one_and_several, compile_tower, encode_group, encode_images
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
@@ -183,7 +173,7 @@ def _patch_gemma4_tower_lora_budget() -> None:
     model_cls.get_mm_lora_token_counts = get_mm_lora_token_counts
 
 
-def _patch_gemma4_vision_tower() -> None:
+def _patch_gemma4_vision_compile() -> None:
     model_cls = _gemma4_class()
     original = _unpatched(model_cls, "__init__")
     if original is None:
@@ -192,8 +182,6 @@ def _patch_gemma4_vision_tower() -> None:
     @functools.wraps(original)  # vLLM reads the signature (keyword-only `vllm_config`)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        if _attention == "vllm":  # before compiling: the compiled layers keep the function they traced
-            use_vllm_flash_attention(self.vision_tower)
         if os.environ.get(COMPILE_VISION_ENV) == "1":
             compile_tower(self.vision_tower)
             self._petbreed_compile_pending = True
@@ -282,7 +270,7 @@ def _is_cpu_array(item: Any) -> bool:
 
 
 _patch_gemma4_tower_lora_budget()
-_patch_gemma4_vision_tower()
+_patch_gemma4_vision_compile()
 _patch_gemma4_image_path()
 _patch_images_apart()
 

@@ -68,7 +68,7 @@ def test_the_setting_reaches_the_engine_process_environment(stack: bool, apart: 
 
 
 @pytest.mark.usefixtures("engine_environment")
-@pytest.mark.parametrize("attention", ["flash", "cudnn", "vllm"])
+@pytest.mark.parametrize("attention", ["flash", "cudnn"])
 def test_the_towers_attention_choice_reaches_the_engine_process_environment(attention: str) -> None:
     set_vllm_environment(ServeSettings(merged_adapter="pets", vllm=VllmSettings(vision_attention=attention)))
     assert os.environ[ATTENTION_ENV] == attention

@@ -25,6 +25,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's own default, which `petbreed serve` moves into its cache folder: the servers the tests
+# start, each with a fresh cache folder, share it instead, since an empty one costs a start here
+# about 10 s (vLLM inspecting the model class again).
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/vllm"))
 
 BIN = Path(sys.executable).parent
 EMULATOR_BUCKET = "petbreed-test"

@@ -168,6 +168,9 @@ async def _nothing() -> None:
 def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
     from serve.settings import ServeSettings, VllmSettings
 
+    # The first budget is the engine's own, as start_server makes it, so that the server's warm-up
+    # loads the image processor for the kwargs the requests carry. Without it, the first requests of
+    # every in-process run waited 17-20 s (2026-12-04/05), likely for that; over HTTP 1 s.
     vllm = VllmSettings(dtype=args.dtype, enforce_eager=not args.graphs, max_model_len=1024, max_loras=1,
                         max_lora_rank=args.max_lora_rank, max_num_seqs=256, gpu_memory_utilization=0.85,
                         max_num_batched_tokens=args.max_batched_tokens, compile_vision_tower=args.compile_vision,
@@ -176,9 +179,6 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization,
                         quantize_vision_tower=args.quantize_tower, vision_attention=args.vision_attention,
                         tower_lora=args.vision_attention == "flash", max_soft_tokens=budgets(args)[0])
-    # The first budget is the engine's own, as start_server makes it, so that the server's warm-up
-    # loads the image processor for the kwargs the requests carry. Without it, the first requests of
-    # every in-process run waited 17-20 s (2026-12-04/05), likely for that; over HTTP 1 s.
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, merged_adapter="pets" if args.merged else None, vllm=vllm)
 

@@ -29,13 +29,11 @@ class VllmSettings(BaseModel):
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     torch_compile: bool = Field(
-        False, description="with CUDA graphs: full graphs of the torch.compiled model (minutes of start-up; steps "
-        "too large for a graph run compiled too) instead of the eager model's (seconds). Inductor can then fuse the "
-        "elementwise work around the multiplies (norms, activations, fp8's activation scaling: about a quarter of a "
-        "saturated step's GPU time eagerly). On an H100, merged with fp8 weights: 141.2 against 125.1-126.3 "
-        "images/s saturated and concurrency 1's p50 30.8 against 49.1 ms (two machines, not one run), ready after "
-        "408 against 265 s. vLLM keeps the compiled code in PETBREED_CACHE_DIR/vllm for a restart "
-        "(docs/performance.md)"
+        False, description="with CUDA graphs: full graphs of the torch.compiled model instead of the eager model's; "
+        "steps too large for a graph run compiled too. On one H100, merged with fp8 weights: 130.9-138.2 against "
+        "121.5-131.3 images/s saturated (about 1.05x, within a run's spread), no gain at concurrency 1. A cold start "
+        "compiles for minutes (ready after 392 against 230 s); vLLM keeps the compiled code in "
+        "PETBREED_CACHE_DIR/vllm, and a start that finds it is as quick as the eager engine's (docs/performance.md)"
     )
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "

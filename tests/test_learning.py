@@ -24,7 +24,7 @@ def test_run_writes_reports_plots_and_a_learning_curve(trained_run: dict[str, ob
     for png in ("confusion.png", "base_confusion.png", "learning_curve.png"):
         assert (adapter / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (Path(str(trained_run["run"])) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 301))
+    assert [r["step"] for r in records] == list(range(1, 601))
     assert any("eval_accuracy" in r for r in records)
 
 

@@ -75,8 +75,9 @@ class Classifier(Protocol):
         """P(label | image) per image. With top_k, labels that cannot be among the top_k may be 0."""
         ...
     async def load_adapter(self, entry: AdapterEntry) -> None: ...
-    async def warm_up(self, entry: AdapterEntry, images: int) -> None:
-        """Pay what a first image costs (processors, compiles) before clients come."""
+    async def warm_up(self, entry: AdapterEntry, images: int) -> bool:
+        """Pay what a first image at `entry`'s image budget costs (processors, compiles) before
+        clients do; whether it ran (once per budget)."""
         ...
     def dead(self) -> bool: ...
     def shutdown(self) -> None: ...
@@ -257,6 +258,7 @@ class VllmClassifier:
     # not applied as LoRA.
     merged: MergedAdapter | None = None
     _rendering: int = field(default=0, init=False)  # images being rendered now, either way
+    _warm_budgets: set[int | None] = field(default_factory=set, init=False)  # budgets warm_up has run for
 
     @classmethod
     def start(
@@ -288,14 +290,21 @@ class VllmClassifier:
         else:
             await self.engine.add_lora(lora_request(entry))
 
-    async def warm_up(self, entry: AdapterEntry, images: int) -> None:
-        """Each render process renders its first image (the pool hands images that arrive together
-        to whichever process is free, so classifying several reached only some of them: a c=8 level
-        on the H200 machine then waited 28 s), then `images` images go through the engine at once."""
+    async def warm_up(self, entry: AdapterEntry, images: int) -> bool:
+        """Once per image budget, since vLLM loads the image processor for each budget's kwargs and
+        the tower's kernels are compiled for its shapes, whatever the adapter. Each render process
+        renders its first image (the pool hands images that arrive together to whichever process is
+        free, so classifying several reached only some of them: a c=8 level on the H200 machine
+        then waited 28 s), then `images` images go through the engine at once."""
+        budget = self.budget(entry)
+        if budget in self._warm_budgets:
+            return False
         image = Image.new("RGB", (64, 64))
         if self.render_pool is not None:
             await self.render_pool.render_in_every_process(self.prompt(image, entry))
         await self.classify([image] * images, entry)
+        self._warm_budgets.add(budget)
+        return True
 
     async def classify(
         self, images: Sequence[Image.Image], entry: AdapterEntry, top_k: int | None = None
@@ -363,7 +372,7 @@ class VllmClassifier:
             "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid.uuid4().hex]}
         }
         processing: dict[str, Any] = {}
-        budget = self.soft_tokens or entry.manifest.image_soft_tokens
+        budget = self.budget(entry)
         if budget is not None:
             processing["max_soft_tokens"] = budget
         if self.pixel_scale is not None:
@@ -371,6 +380,10 @@ class VllmClassifier:
         if processing:
             image_input["mm_processor_kwargs"] = processing
         return image_input
+
+    def budget(self, entry: AdapterEntry) -> int | None:
+        """The image token budget `entry`'s requests carry (None: the model's default)."""
+        return self.soft_tokens or entry.manifest.image_soft_tokens
 
     async def _next_token(self, rendered: dict[str, Any], entry: AdapterEntry, node: BranchNode) -> dict[int, float]:
         # The answer prefix as token ids, after the image's soft tokens (so their positions hold).

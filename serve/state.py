@@ -86,21 +86,7 @@ class ServerState:
             observe = self.metrics.observe_stage
             self.classifier = await asyncio.to_thread(VllmClassifier.start, s, base.path, scale, observe)
         await self.reload()
-        await self._warm_up()
         log.info("engine started", extra={"seconds": round(time.perf_counter() - started, 1), "base": base.path})
-
-    async def _warm_up(self) -> None:
-        """Predictions before /readyz says yes. vLLM's first image request loads the image
-        processor (again, if the soft-token budget differs from the model's) and compiles kernels:
-        seconds on a GPU that no client should wait for. Several images at once, so that each
-        renderer thread meets its first image here; each render process renders one."""
-        try:
-            entry = self.tables().resolve(None)
-        except AdapterNotFound:  # no default adapter (yet): the first client pays instead
-            return
-        started = time.perf_counter()
-        await self.engine().warm_up(entry, self.settings.vllm.renderer_workers)
-        log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     def begin(self) -> None:
         """Start loading in the background (called from the app's lifespan)."""
@@ -115,12 +101,24 @@ class ServerState:
             self.classifier.shutdown()
 
     async def reload(self) -> dict[str, list[str]]:
-        table, classifier = self.tables(), self.engine()
+        table = self.tables()
+        self.engine()  # not started yet: 503, rather than every adapter refused by `_load`
         async with self._lock:
-            result = await sync(table, classifier.load_adapter, asyncio.to_thread)
+            result = await sync(table, self._load, asyncio.to_thread)
         self.metrics.adapters.labels("loaded").set(len(table.entries))
         self.metrics.adapters.labels("refused").set(len(table.refused))
         return result
+
+    async def _load(self, entry: AdapterEntry) -> None:
+        """Load `entry`, then warm up before the table lists it: vLLM's first image at a new image
+        budget loads the processor for it and compiles kernels, seconds on a GPU that no client
+        should wait for, at start-up or when a new version arrives. Several images at once, so that
+        each renderer thread meets its first image here; each render process renders one."""
+        classifier = self.engine()
+        await classifier.load_adapter(entry)
+        started = time.perf_counter()
+        if await classifier.warm_up(entry, self.settings.vllm.renderer_workers):
+            log.info("warmed up", extra={"adapter": entry.ref, "seconds": round(time.perf_counter() - started, 2)})
 
     async def _poll(self) -> None:
         while True:

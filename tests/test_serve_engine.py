@@ -137,6 +137,20 @@ def test_images_are_sent_with_the_adapters_own_budget_unless_the_server_sets_one
     assert request["prompt"].get("mm_processor_kwargs") == (None if sent is None else {"max_soft_tokens": sent})
 
 
+def test_warm_up_runs_once_per_image_budget_whichever_adapter_asks() -> None:
+    """A second adapter with the same budget has nothing to warm; one with a new budget (or the
+    model's default) sends its images at that budget."""
+    engine = RecordingEngine()
+    classifier = VllmClassifier(engine)
+    trie = LabelTrie([(1,), (4,)])
+
+    ran = [asyncio.run(classifier.warm_up(entry_for(trie, budget), images=2)) for budget in (70, 70, 140, None)]
+
+    assert ran == [True, False, True, True]
+    sent = [prompt.get("mm_processor_kwargs") for prompt in engine.renderer.rendered]
+    assert sent == [{"max_soft_tokens": 70}] * 2 + [{"max_soft_tokens": 140}] * 2 + [None] * 2
+
+
 def test_with_top_k_deeper_nodes_are_asked_only_where_a_top_label_can_hide() -> None:
     # Root children 1, 4, 5; node (1,) decides between labels 1-2 and 1-3.
     trie = LabelTrie([(1, 2), (1, 3), (4,), (5,)])

@@ -71,6 +71,7 @@ class AdapterTable:
     def __init__(
         self, registry_uri: str, cache_dir: Path, processor: Any, base_config_sha256: str, max_lora_rank: int,
         default_name: str | None, tower_lora: bool = True, merged: bool = False,
+        max_image_soft_tokens: int | None = None,
     ) -> None:
         self.registry = Registry(registry_uri)
         self.cache_dir = cache_dir / "adapters"
@@ -78,6 +79,7 @@ class AdapterTable:
         self.base_sha = base_config_sha256
         self.max_lora_rank = max_lora_rank
         self.tower_lora = tower_lora
+        self.max_image_soft_tokens = max_image_soft_tokens  # the engine's `image_budget_limit`
         self.default_name = default_name
         # Merged into the base weights (`merged_adapter`): only the default adapter's newest version.
         self.merged = merged
@@ -125,6 +127,12 @@ class AdapterTable:
         if manifest.prompt_version != PROMPT_VERSION:
             raise AdapterRefused(
                 f"trained with prompt {manifest.prompt_version!r}; this server renders {PROMPT_VERSION!r}"
+            )
+        limit, budget = self.max_image_soft_tokens, manifest.image_soft_tokens
+        if limit is not None and budget is not None and budget > limit:
+            raise AdapterRefused(
+                f"trained at {budget} soft tokens per image, more than the {limit} this engine takes with LoRA on "
+                f"the vision tower; serve it from a server started with PETBREED_VLLM__MAX_SOFT_TOKENS={budget}"
             )
 
     def add(self, entry: AdapterEntry) -> None:

@@ -159,6 +159,16 @@ def tower_lora(settings: ServeSettings) -> bool:
     return settings.merged_adapter is not None or (settings.vllm.tower_lora and tower_lora_supported())
 
 
+def image_budget_limit(settings: ServeSettings, processor: Any) -> int | None:
+    """The largest image budget an adapter's manifest may name. With LoRA on the vision tower, vLLM
+    sizes the tower's inputs for the engine's budget, and a larger image ends its engine core (vLLM
+    0.32: "exceeds the MM LoRA patch limit"). None where nothing limits it: one budget for every
+    adapter (`max_soft_tokens`), or no LoRA on the tower."""
+    if settings.vllm.max_soft_tokens is not None or settings.merged_adapter is not None or not tower_lora(settings):
+        return None
+    return int(processor.image_processor.max_soft_tokens)
+
+
 def _inductor_cache_chosen() -> bool:
     """Whether TORCHINDUCTOR_CACHE_DIR was set by someone: importing torch's compiler fills in its
     own default (a folder in /tmp), which is not a choice."""

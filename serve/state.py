@@ -20,7 +20,7 @@ from PIL import Image
 from adapter_contract.manifest import config_sha256
 from serve.adapter_merge import AdapterReplaced
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier, raw_pixel_scale, tower_lora
+from serve.engine import Classifier, VllmClassifier, image_budget_limit, raw_pixel_scale, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
@@ -80,6 +80,7 @@ class ServerState:
         self.table = AdapterTable(
             s.registry, s.cache_dir, base.processor, base.config_sha256, s.vllm.max_lora_rank, s.default_adapter,
             tower_lora=tower_lora(s), merged=s.merged_adapter is not None,
+            max_image_soft_tokens=image_budget_limit(s, base.processor),
         )
         if self.classifier is None:
             scale = raw_pixel_scale(s, base.processor)

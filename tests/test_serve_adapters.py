@@ -112,6 +112,22 @@ def test_merged_only_the_default_adapters_newest_version_is_loaded_and_a_newer_o
         t.resolve("pets@2")
 
 
+def test_an_image_budget_over_the_engines_is_refused(
+    registry: tuple[str, object], tiny_model: Path, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "registry")
+    shutil.copytree(str(registry[0]), uri)
+    reg = Registry(uri)
+    reg.download("pets", 1, tmp_path / "pets1")
+    larger, same = (reg.publish(tmp_path / "pets1", reg.manifest("pets", 1).model_copy(update={"image_soft_tokens": n}))
+                    for n in (140, 70))
+    t = table((uri, registry[1]), tiny_model, tmp_path, max_image_soft_tokens=70)
+    result = run_sync(t)
+    assert result["refused"] == ["alien@1", larger.ref] and same.ref in result["added"]
+    reason = t.refused[("pets", larger.version)].reason
+    assert "140 soft tokens" in reason and "PETBREED_VLLM__MAX_SOFT_TOKENS=140" in reason
+
+
 def test_rank_over_the_engine_limit_is_refused(registry: tuple[str, object], tiny_model: Path, tmp_path: Path) -> None:
     t = table(registry, tiny_model, tmp_path, max_lora_rank=16)
     run_sync(t)

@@ -419,6 +419,21 @@ def test_mismatched_adapter_is_refused_with_a_clear_error(client: httpx.Client, 
     assert any(r["message"] == "adapter refused" and r.get("adapter") == "alien@1" for r in logs)
 
 
+def test_a_version_over_the_engines_image_budget_is_refused_and_the_engine_serves_on(
+    client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """With LoRA on the vision tower, vLLM sizes the tower for the engine's budget (the tiny model's
+    70 here) and ends its engine core on a larger image: such a version must be refused at load."""
+    registry = Registry(registry_uri)
+    larger = publish_like(registry, registry.manifest("cats", 1), random_adapter(tiny_model, tmp_path / "v", seed=6),
+                          image_soft_tokens=140, metrics={})
+    client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+    data = jpeg(test_images[0][1])
+    error = assert_error(predict_files(client, [data], adapter=larger.ref), 404, "adapter_refused")
+    assert "140 soft tokens" in error["message"]
+    assert predict_files(client, [data], adapter="pets@1").status_code == 200
+
+
 def test_admin_reload_serves_a_new_version_without_restart(
     client: httpx.Client, registry_uri: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
 ) -> None:
@@ -570,7 +585,8 @@ def test_metrics(client: httpx.Client) -> None:
     assert 'petbreed_predictions_total{adapter="pets@1"}' in text
     assert 'petbreed_predictions_total{adapter="cats@1"}' in text
     assert "petbreed_queue_depth 0.0" in text
-    assert 'petbreed_adapters{state="refused"} 1.0' in text
+    refused = sum(not a["loaded"] for a in client.get("/v1/models").json()["adapters"])
+    assert refused >= 1 and f'petbreed_adapters{{state="refused"}} {float(refused)}' in text
 
 
 def test_stage_metrics_time_every_image(client: httpx.Client, test_images: list[tuple[str, Path]]) -> None:

@@ -159,12 +159,18 @@ def tower_lora(settings: ServeSettings) -> bool:
     return settings.merged_adapter is not None or (settings.vllm.tower_lora and tower_lora_supported())
 
 
+def lora_on_tower(settings: ServeSettings) -> bool:
+    """Whether vLLM applies the tower and projector weights as LoRA (`enable_tower_connector_lora`),
+    not merged into the base weights."""
+    return settings.merged_adapter is None and tower_lora(settings)
+
+
 def image_budget_limit(settings: ServeSettings, processor: Any) -> int | None:
     """The largest image budget an adapter's manifest may name. With LoRA on the vision tower, vLLM
     sizes the tower's inputs for the engine's budget, and a larger image ends its engine core (vLLM
     0.32: "exceeds the MM LoRA patch limit"). None where nothing limits it: one budget for every
     adapter (`max_soft_tokens`), or no LoRA on the tower."""
-    if settings.vllm.max_soft_tokens is not None or settings.merged_adapter is not None or not tower_lora(settings):
+    if settings.vllm.max_soft_tokens is not None or not lora_on_tower(settings):
         return None
     return int(processor.image_processor.max_soft_tokens)
 
@@ -193,7 +199,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
-        enable_tower_connector_lora=as_lora and tower_lora(settings),
+        enable_tower_connector_lora=lora_on_tower(settings),
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
         # The classifier processes each image once for all its requests (`VllmClassifier.render`), so

@@ -178,7 +178,8 @@ def serve_settings(args: argparse.Namespace, registry: str, cache: Path) -> Any:
                         torch_compile=args.torch_compile, graph_max_tokens=args.graph_max_tokens,
                         lora_kernel_configs=args.lora_kernel_configs, quantization=args.quantization,
                         quantize_vision_tower=args.quantize_tower, vision_attention=args.vision_attention,
-                        tower_lora=args.vision_attention == "flash", max_soft_tokens=budgets(args)[0])
+                        tower_lora=args.vision_attention == "flash", max_soft_tokens=budgets(args)[0],
+                        fast_prefill=args.fast_prefill)
     return ServeSettings(base_model=str(args.model), registry=registry, cache_dir=cache, poll_interval_s=0,
                          queue_size=4096, max_images=8, merged_adapter="pets" if args.merged else None, vllm=vllm)
 
@@ -657,6 +658,7 @@ def start_server(args: argparse.Namespace, registry: str, cache: Path, sharing: 
            "PETBREED_VLLM__MAX_NUM_BATCHED_TOKENS": str(args.max_batched_tokens),
            "PETBREED_VLLM__VISION_GRAPH_IMAGES": str(args.graph_images),
            "PETBREED_VLLM__TORCH_COMPILE": str(args.torch_compile).lower(),
+           "PETBREED_VLLM__FAST_PREFILL": str(args.fast_prefill).lower(),
            "PETBREED_VLLM__GRAPH_MAX_TOKENS": str(args.graph_max_tokens),
            "PETBREED_VLLM__LORA_KERNEL_CONFIGS": str(args.lora_kernel_configs or "null"),
            "PETBREED_VLLM__QUANTIZATION": args.quantization or "null",
@@ -767,12 +769,16 @@ def main() -> None:
                          "has none)")
     ap.add_argument("--merged", action="store_true",
                     help="merged_adapter: the bench adapter merged into the base weights, an engine without LoRA")
+    ap.add_argument("--fast-prefill", action="store_true",
+                    help="fast_prefill (with --merged): the KV-shared layers only on each prompt's answered position")
     ap.add_argument("--answers", type=int, default=0, metavar="N",
                     help="engine: first record the label distribution of N fixed images (bench/compare_answers.py)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.ab == "lora_kernels" and args.lora_kernel_configs is None:
         ap.error("--ab lora_kernels compares --lora-kernel-configs FOLDER with vLLM's own: give the folder")
+    if args.fast_prefill and not args.merged:
+        ap.error("--fast-prefill needs --merged (fast_prefill needs a merged_adapter)")
     if args.merged and args.ab == "lora":
         ap.error("--ab lora compares the adapter as LoRA with the base alone: not with --merged")
     if args.torch_profile:
@@ -786,7 +792,8 @@ def main() -> None:
         result = asyncio.run(run(args, registry, Path(tmp) / "cache", images))
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
     result.update(mode=args.mode, model=str(args.model), image_size=args.image_size, merged=args.merged,
-                  graphs=args.graphs, torch_compile=args.torch_compile, max_batched_tokens=args.max_batched_tokens,
+                  graphs=args.graphs, torch_compile=args.torch_compile, fast_prefill=args.fast_prefill,
+                  max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
                   quantization=args.quantization, quantize_tower=args.quantize_tower,
                   vision_attention=args.vision_attention,

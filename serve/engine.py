@@ -46,7 +46,7 @@ from serve.adapter_merge import MergedAdapter
 from serve.adapters import AdapterEntry
 from serve.processor_compat import patch_mm_token_check
 from serve.render_pool import RenderPool
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, VllmSettings
 from serve.vllm_compat import (
     ATTENTION_ENV,
     COMPILE_VISION_ENV,
@@ -199,7 +199,7 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         max_lora_rank=v.max_lora_rank, max_cpu_loras=v.max_cpu_loras,
         # Without it vLLM ignores the LoRA weights of the vision tower and projector. Only where
         # Gemma 4 implements it: vLLM 0.24 would accept the flag and then fail to start.
-        enable_tower_connector_lora=lora_on_tower(settings),
+        enable_tower_connector_lora=lora_on_tower(settings), kv_sharing_fast_prefill=v.fast_prefill,
         enable_prefix_caching=v.enable_prefix_caching, gpu_memory_utilization=v.gpu_memory_utilization,
         tensor_parallel_size=v.tensor_parallel_size, disable_log_stats=True,
         # The classifier processes each image once for all its requests (`VllmClassifier.render`), so
@@ -220,11 +220,20 @@ def engine_args(settings: ServeSettings, model_path: str) -> Any:
         # Full CUDA graphs: one ~300-token prefill at batch 1 is launch-bound in eager mode. Of the
         # uncompiled model by default (seconds of start-up, not minutes); steps above the largest
         # graph (a saturated server's) then run eagerly, which torch_compile (mode 3) compiles.
-        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": "FULL"}
+        kwargs["compilation_config"] = {"mode": 3 if v.torch_compile else 0, "cudagraph_mode": _graph_mode(v)}
         if v.graph_max_tokens:
             largest = min(v.graph_max_tokens, v.max_num_batched_tokens)
             kwargs["compilation_config"]["cudagraph_capture_sizes"] = graph_sizes(largest)
     return AsyncEngineArgs(**kwargs)
+
+
+def _graph_mode(v: VllmSettings) -> str:
+    """vLLM's cudagraph_mode. With fast prefill a step's KV-shared layers run on the positions it
+    answers, whose attention metadata a full graph would replay from its capture: a step with a
+    prompt then runs eagerly, or in vLLM's piecewise graphs of the compiled model."""
+    if not v.fast_prefill:
+        return "FULL"
+    return "FULL_AND_PIECEWISE" if v.torch_compile else "FULL_DECODE_ONLY"
 
 
 def unquantized_modules(vision_encoder_too: bool) -> list[str]:

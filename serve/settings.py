@@ -49,6 +49,12 @@ class VllmSettings(BaseModel):
         "dimensions divisible by 64). At 280 soft tokens those layers are about a quarter of an image's FLOPs. "
         "Check the adapter's accuracy first (bench/bench_fp8_accuracy.py --tower)"
     )
+    fast_prefill: bool = Field(
+        False, description="with merged_adapter: vLLM's kv_sharing_fast_prefill. Gemma 4's KV-shared layers (its "
+        "last num_kv_shared_layers, 18 of E4B's 42) run only on the one position per prompt that is answered, not on "
+        "the image's tokens. No CUDA graph then holds a step with a prompt (torch_compile keeps piecewise ones), so it "
+        "trades latency at low concurrency for saturated throughput (docs/performance.md)"
+    )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "
         "vLLM's own default for an embedded engine (2048) caps a GPU at ~7 images per step"
@@ -192,6 +198,10 @@ class ServeSettings(BaseSettings):
         if v.vision_attention != "flash" and v.tower_lora and self.merged_adapter is None:
             raise ValueError("vision_attention applies to petbreed's image path: set vllm.tower_lora to false, or "
                              "serve a merged_adapter")
+        if v.fast_prefill and self.merged_adapter is None:
+            # vLLM's LoRA kernels get the whole step's token mapping in layers that run on fewer tokens.
+            raise ValueError("vllm.fast_prefill needs a merged_adapter: vLLM's LoRA kernels do not run on the "
+                             "KV-shared layers' fewer positions")
         if v.quantize_vision_tower and v.quantization is None:
             raise ValueError("quantize_vision_tower needs a quantization scheme (vllm.quantization)")
         return self

@@ -29,7 +29,7 @@ from finetune.data import load_dataset, load_image
 from finetune.model import LoraSettings
 from finetune.synthetic import BREEDS
 from finetune.tiny_model import make_random_adapter, publish_random_adapter
-from tests.conftest import free_port, running_server
+from tests.conftest import free_port, make_kv_shared_model, running_server
 
 TOKEN = "test-admin-token"
 # A random adapter on the language model only: it takes petbreed's image path whatever the vLLM.
@@ -333,6 +333,23 @@ def test_a_merged_adapter_answers_as_transformers_peft_and_a_new_version_is_merg
         assert_error(predict_files(client, [jpeg(test_images[0][1])], adapter="pets@1"), 404, "unknown_adapter")
         log = Path(str(server["log"])).read_text()
     assert '"adapter merged"' in log.replace("'", '"') and new.ref in log
+
+
+def test_fast_prefill_answers_as_transformers_peft(test_images: list[tuple[str, Path]], tmp_path: Path) -> None:
+    """`fast_prefill`: a merged adapter on a model whose last layers share the KV of earlier ones,
+    which then run only on each prompt's answered position, answers as transformers + PEFT do, with
+    several images in one engine step."""
+    model = make_kv_shared_model(tmp_path / "kv-shared")
+    registry = str(tmp_path / "registry")
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), LoraSettings(r=8, alpha=16), std=0.3)
+    port = free_port()
+    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
+           "PETBREED_MERGED_ADAPTER": "pets", "PETBREED_VLLM__FAST_PREFILL": "true"}
+    with running_server(model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        assert_parity(client, registry, model, test_images, tmp_path)
+        log = Path(str(server["log"])).read_text()
+    assert "--kv-sharing-fast-prefill" in log  # vLLM's own warning: the engine took the setting
 
 
 def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> None:

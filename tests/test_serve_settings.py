@@ -62,6 +62,26 @@ def test_with_cuda_the_model_runs_in_full_cuda_graphs_compiled_only_if_asked(
     assert (args.compilation_config.mode, args.compilation_config.cudagraph_mode.name) == (mode, "FULL")
 
 
+@pytest.mark.parametrize(("torch_compile", "graphs"), [(False, "FULL_DECODE_ONLY"), (True, "FULL_AND_PIECEWISE")])
+def test_with_fast_prefill_no_full_graph_holds_a_prompt(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, torch_compile: bool, graphs: str
+) -> None:
+    """A full graph would replay the KV-shared layers' attention metadata of its capture."""
+    from serve import engine
+
+    monkeypatch.setattr(engine, "_has_cuda", lambda: True)
+    settings = ServeSettings(merged_adapter="pets", vllm=VllmSettings(fast_prefill=True, torch_compile=torch_compile))
+    args = engine.engine_args(settings, str(tiny_model))
+    assert args.kv_sharing_fast_prefill
+    assert args.compilation_config.cudagraph_mode.name == graphs
+    assert not engine.engine_args(ServeSettings(merged_adapter="pets"), str(tiny_model)).kv_sharing_fast_prefill
+
+
+def test_fast_prefill_needs_a_merged_adapter() -> None:
+    with pytest.raises(ValidationError, match="fast_prefill needs a merged_adapter"):
+        ServeSettings(vllm=VllmSettings(fast_prefill=True))
+
+
 def test_graph_max_tokens_sets_the_largest_cuda_graph(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
     from serve import engine
 

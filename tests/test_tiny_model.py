@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from finetune.synthetic import BREEDS
 from finetune.tiny_model import build_tokenizer
+from tests.conftest import make_kv_shared_model
 
 SAMPLES = [
     " pug", "American Pit Bull Terrier", "What breed is the pet in this photo?", "zzq ünïcode 🐶 \t tabs",
@@ -57,18 +58,12 @@ def test_build_is_deterministic(tmp_path: Path, tiny_model: Path) -> None:
     assert (again / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
 
 
-def test_kv_shared_layers_get_the_k_norm_weights_vllm_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kv_shared_layers_get_the_k_norm_weights_vllm_loads(tmp_path: Path) -> None:
     """E4B-shaped builds share the KV of their last layers; transformers saves no k_norm for
     those, vLLM requires one of the layer's head size (which differs for full attention)."""
     from safetensors import safe_open
 
-    from finetune import tiny_model
-    from finetune.tiny_model import TinyModelConfig, make_tiny_model
-
-    text = {**tiny_model.SHAPES["tiny"]["text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2,
-            "global_head_dim": 64, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    monkeypatch.setitem(tiny_model.SHAPES, "tiny", {**tiny_model.SHAPES["tiny"], "text": text})
-    out = make_tiny_model(tmp_path / "model", TinyModelConfig())
+    out = make_kv_shared_model(tmp_path / "model")
     weights = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), "pt") as fh:

@@ -54,6 +54,13 @@ default: 12.5 % of a merged, saturated step's GPU time on an H200 (docs/performa
 ATTENTION_ENV set to `cudnn` (setting `vision_attention`), cuDNN's fused attention, which has Hopper
 kernels, comes first; PyTorch falls back to the others where it cannot run (CPU, a refused shape).
 
+With `fast_prefill`, vLLM 0.24 builds the KV-shared layers' attention metadata with two host syncs
+per KV-cache group per step (`.item()` of how many positions each request answers), so the engine
+core cannot prepare a step while the GPU runs the one before, which is what its asynchronous
+scheduling is for. vLLM >= 0.32 derives both numbers without waiting (`max_logits_per_req`). Where
+a vLLM still syncs, petbreed derives them itself for steps in which every request answers one
+position (all of petbreed's: one next-token request each); other steps keep vLLM's own code.
+
 vLLM imports `worker_extension_cls` in every worker before the model and its LoRA manager are
 built, which is the only hook (without packaging a plugin) that runs code in those processes.
 """
@@ -61,6 +68,7 @@ built, which is the only hook (without packaging a plugin) that runs code in tho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -269,10 +277,51 @@ def _is_cpu_array(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.device.type == "cpu" and item.dim() >= 2
 
 
+def _patch_fast_prefill_metadata() -> None:
+    try:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+        from vllm.v1.attention.backends import utils
+    except ImportError:
+        return
+    original = getattr(utils, "make_kv_sharing_fast_prefill_common_attn_metadata", None)
+    if original is None or getattr(original, "_petbreed_patched", False):
+        return
+    if "max_logits_per_req" in {field.name for field in dataclasses.fields(CommonAttentionMetadata)}:
+        return  # this vLLM's own code waits for nothing
+
+    def make_kv_sharing_fast_prefill_common_attn_metadata(
+        common_attn_metadata: CommonAttentionMetadata,
+    ) -> CommonAttentionMetadata:
+        common = common_attn_metadata
+        if common.max_query_len > 1 and common.num_logits_indices == common.num_reqs:
+            return one_position_per_request(common)
+        return original(common)
+
+    make_kv_sharing_fast_prefill_common_attn_metadata._petbreed_patched = True  # type: ignore[attr-defined]
+    utils.make_kv_sharing_fast_prefill_common_attn_metadata = make_kv_sharing_fast_prefill_common_attn_metadata
+
+
+# What vLLM's fast-prefill metadata keeps of a step's (`_`: vLLM 0.24's fields of it).
+_FAST_PREFILL_KEPT = ("seq_lens", "max_seq_len", "block_table_tensor", "slot_mapping", "seq_lens_cpu_upper_bound",
+                      "_seq_lens_cpu", "_num_computed_tokens_cpu")
+
+
+def one_position_per_request(common: Any) -> Any:
+    """vLLM's attention metadata for the KV-shared layers of a fast-prefill step, for a step whose
+    requests each answer one position (a position per request is what vLLM computes logits for):
+    each request's query is that one position."""
+    reqs, dtype = common.num_reqs, common.query_start_loc.dtype
+    kept = {name: getattr(common, name) for name in _FAST_PREFILL_KEPT if hasattr(common, name)}
+    return type(common)(query_start_loc=torch.arange(reqs + 1, dtype=dtype, device=common.query_start_loc.device),
+                        query_start_loc_cpu=torch.arange(reqs + 1, dtype=dtype), num_reqs=reqs,
+                        num_actual_tokens=reqs, max_query_len=1, causal=True, **kept)
+
+
 _patch_gemma4_tower_lora_budget()
 _patch_gemma4_vision_compile()
 _patch_gemma4_image_path()
 _patch_images_apart()
+_patch_fast_prefill_metadata()
 
 
 def uint8_pixels_supported() -> bool:

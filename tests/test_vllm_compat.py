@@ -262,3 +262,40 @@ def test_the_pixel_scale_reaches_the_engine_process_environment() -> None:
     assert float(os.environ[PIXEL_SCALE_ENV]) == 1 / 255
     set_vllm_environment(ServeSettings(), None)
     assert float(os.environ[PIXEL_SCALE_ENV]) == 0.0
+
+
+def _fast_prefill_step(query_lens: list[int], graph_pad: int) -> Any:
+    """vLLM's metadata of a step that answers each request's last position, as its model runner
+    arms it for fast prefill (logit positions padded to a CUDA graph's size)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    answered = (starts[1:] - 1).long()
+    reqs, tokens = len(query_lens), int(starts[-1])
+    return CommonAttentionMetadata(
+        query_start_loc=starts, query_start_loc_cpu=starts.clone(), seq_lens=torch.tensor(query_lens) + 7,
+        num_reqs=reqs, num_actual_tokens=tokens, max_query_len=max(query_lens), max_seq_len=max(query_lens) + 7,
+        block_table_tensor=torch.zeros(reqs, 4, dtype=torch.int32), slot_mapping=torch.arange(tokens),
+        logits_indices_padded=torch.cat([answered, answered[-1:].repeat(graph_pad)]), num_logits_indices=reqs,
+        max_logits_per_req=1)
+
+
+def test_fast_prefill_metadata_without_host_syncs_is_vllms_own() -> None:
+    """petbreed's stand-in for vLLM 0.24's syncing fast-prefill metadata gives what vLLM 0.32's own
+    (sync-free) code gives for petbreed's steps: each request's query is its one answered position."""
+    from vllm.v1.attention.backends.utils import make_kv_sharing_fast_prefill_common_attn_metadata
+
+    step = _fast_prefill_step([300, 1, 17, 300], graph_pad=3)
+    ours, vllms = vllm_compat.one_position_per_request(step), make_kv_sharing_fast_prefill_common_attn_metadata(step)
+    assert ours.query_start_loc.tolist() == vllms.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert ours.query_start_loc_cpu.tolist() == vllms.query_start_loc_cpu.tolist()
+    assert (ours.num_reqs, ours.num_actual_tokens, ours.max_query_len) == (
+        vllms.num_reqs, vllms.num_actual_tokens, vllms.max_query_len) == (4, 4, 1)
+    for name in ("seq_lens", "block_table_tensor", "slot_mapping", "max_seq_len"):
+        assert getattr(ours, name) is getattr(vllms, name)
+
+
+def test_a_vllm_whose_fast_prefill_waits_for_nothing_keeps_its_own_code() -> None:
+    from vllm.v1.attention.backends import utils
+
+    assert not getattr(utils.make_kv_sharing_fast_prefill_common_attn_metadata, "_petbreed_patched", False)

@@ -54,7 +54,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def make_tiny_model(
     out: Path,
-    shape: Annotated[str, typer.Option(help="tiny, or e4b: google/gemma-4-E4B-it's shape, for GPUs")] = "tiny",
+    shape: Annotated[str, typer.Option(help="tiny; tiny-kv: 4 layers, the last 2 sharing KV as E2B/E4B's do; "
+                                   "e4b: google/gemma-4-E4B-it's shape, for GPUs")] = "tiny",
     seed: int = 0,
     text_hidden: Annotated[int, typer.Option(help="tiny: language model width")] = 64,
     vision_hidden: Annotated[int, typer.Option(help="tiny: vision tower width")] = 32,

@@ -691,10 +691,11 @@ async def wait_ready(client: Any, url: str, proc: subprocess.Popen[bytes], timeo
     raise RuntimeError("server not ready")
 
 
-def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
+def compute_bound(model: Path, soft_tokens: int, fast_prefill: bool = False) -> dict[str, float]:
     """FLOPs per image from the config: 2 x matmul parameters x tokens, for the vision tower
     (over its patches: Gemma 4 resizes every image to fill the budget, soft tokens x pooling
-    kernel area) and the language model (over the prompt)."""
+    kernel area) and the language model (over the prompt; with fast prefill its KV-shared layers
+    over the one answered position)."""
     import torch
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
@@ -704,11 +705,21 @@ def compute_bound(model: Path, soft_tokens: int) -> dict[str, float]:
     with torch.device("meta"):
         meta = Gemma4ForConditionalGeneration._from_config(config)
     counts = matmul_param_counts(meta)
+    shared = kv_shared_params(meta, config.text_config) if fast_prefill else 0
     patches = soft_tokens * config.vision_config.pooling_kernel_size**2
     prompt_tokens = soft_tokens + 25
-    flops = 2 * counts["vision"] * patches + 2 * counts["text"] * prompt_tokens
+    flops = 2 * counts["vision"] * patches + 2 * (counts["text"] - shared) * prompt_tokens + 2 * shared
     return {"flops_per_image": flops, "vision_patches": patches, "bound_images_per_s": round(PEAK_FLOPS / flops, 1),
-            "text_params": counts["text"], "vision_params": counts["vision"], "prompt_tokens": prompt_tokens}
+            "text_params": counts["text"], "vision_params": counts["vision"], "prompt_tokens": prompt_tokens,
+            "kv_shared_params_on_one_position": shared}
+
+
+def kv_shared_params(model: Any, text_config: Any) -> int:
+    """Parameters of the language model's layers that reuse earlier layers' KV cache (its last
+    num_kv_shared_layers), which fast prefill runs on each prompt's answered position only."""
+    first = text_config.num_hidden_layers - (getattr(text_config, "num_kv_shared_layers", 0) or 0)
+    layers = model.model.language_model.layers[first:]
+    return sum(p.numel() for p in layers.parameters())
 
 
 def main() -> None:
@@ -798,7 +809,8 @@ def main() -> None:
                   quantization=args.quantization, quantize_tower=args.quantize_tower,
                   vision_attention=args.vision_attention,
                   lora_kernel_configs=args.lora_kernel_configs and str(args.lora_kernel_configs),
-                  compute_bound={b or default: compute_bound(args.model, b or default) for b in budgets(args)})
+                  compute_bound={b or default: compute_bound(args.model, b or default, args.fast_prefill)
+                                 for b in budgets(args)})
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

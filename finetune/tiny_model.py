@@ -41,12 +41,13 @@ CHAT_TEMPLATE = (
 
 
 class TinyModelConfig(BaseModel):
-    """Shape of the random model. `tiny` is the offline default; `e4b` has the text and vision
-    shapes of google/gemma-4-E4B-it, for GPU benchmarks (random weights cost the same compute).
+    """Shape of the random model. `tiny` is the offline default; `tiny-kv` the same with layers that
+    share KV (`SHAPES`); `e4b` has the text and vision shapes of google/gemma-4-E4B-it, for GPU
+    benchmarks (random weights cost the same compute).
     A random model learns faster with a wide init, hence init_std 0.1 for tiny (see README).
     `audio` adds an audio tower (E4B's: transformers' defaults), as the released E2B and E4B have."""
 
-    shape: Literal["tiny", "e4b"] = "tiny"
+    shape: Literal["tiny", "tiny-kv", "e4b"] = "tiny"
     audio: bool = False
     seed: int = 0
     text_hidden: int = 64
@@ -95,6 +96,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         "init_std": 0.02,
     },
 }
+
+# The tiny model with 4 layers, the last 2 sharing the KV cache of earlier ones as E2B's and E4B's
+# last layers do, and a full-attention head size unlike the sliding one's, as theirs.
+SHAPES["tiny-kv"] = {**SHAPES["tiny"], "text": {
+    **SHAPES["tiny"]["text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2, "global_head_dim": 64,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+}}
 
 
 def _corpus() -> list[str]:
@@ -175,7 +183,7 @@ def make_tiny_model(out: Path, cfg: TinyModelConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(shape["text"]["vocab_size"])
     config = _gemma4_config(cfg, tokenizer)
-    dtype = torch.float32 if cfg.shape == "tiny" else torch.bfloat16
+    dtype = torch.bfloat16 if cfg.shape == "e4b" else torch.float32
     with torch.device(cfg.device):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype).eval()
     out.mkdir(parents=True, exist_ok=True)

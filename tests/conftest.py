@@ -62,19 +62,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def make_kv_shared_model(out: Path) -> Path:
-    """The tiny Gemma 4 with 4 layers, the last 2 sharing the KV of earlier ones as E4B's last 18 do,
-    and a full-attention head size unlike the sliding one's, as E4B's."""
-    from finetune import tiny_model
-    from finetune.tiny_model import TinyModelConfig, make_tiny_model
-
-    text = {**tiny_model.SHAPES["tiny"]["text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2,
-            "global_head_dim": 64, "layer_types": ["sliding_attention", "full_attention"] * 2}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tiny_model.SHAPES, "tiny", {**tiny_model.SHAPES["tiny"], "text": text})
-        return make_tiny_model(out, TinyModelConfig())
-
-
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"

@@ -29,7 +29,7 @@ from finetune.data import load_dataset, load_image
 from finetune.model import LoraSettings
 from finetune.synthetic import BREEDS
 from finetune.tiny_model import make_random_adapter, publish_random_adapter
-from tests.conftest import free_port, make_kv_shared_model, running_server
+from tests.conftest import free_port, running_server
 
 TOKEN = "test-admin-token"
 # A random adapter on the language model only: it takes petbreed's image path whatever the vLLM.
@@ -339,7 +339,9 @@ def test_fast_prefill_answers_as_transformers_peft(test_images: list[tuple[str, 
     """`fast_prefill`: a merged adapter on a model whose last layers share the KV of earlier ones,
     which then run only on each prompt's answered position, answers as transformers + PEFT do, with
     several images in one engine step."""
-    model = make_kv_shared_model(tmp_path / "kv-shared")
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "kv-shared", TinyModelConfig(shape="tiny-kv"))
     registry = str(tmp_path / "registry")
     publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), LoraSettings(r=8, alpha=16), std=0.3)
     port = free_port()

@@ -11,7 +11,6 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from finetune.synthetic import BREEDS
 from finetune.tiny_model import build_tokenizer
-from tests.conftest import make_kv_shared_model
 
 SAMPLES = [
     " pug", "American Pit Bull Terrier", "What breed is the pet in this photo?", "zzq ünïcode 🐶 \t tabs",
@@ -63,7 +62,9 @@ def test_kv_shared_layers_get_the_k_norm_weights_vllm_loads(tmp_path: Path) -> N
     those, vLLM requires one of the layer's head size (which differs for full attention)."""
     from safetensors import safe_open
 
-    out = make_kv_shared_model(tmp_path / "model")
+    from finetune.tiny_model import TinyModelConfig, make_tiny_model
+
+    out = make_tiny_model(tmp_path / "model", TinyModelConfig(shape="tiny-kv"))
     weights = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), "pt") as fh:

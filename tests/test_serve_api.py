@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -262,19 +263,14 @@ def test_parity_on_petbreeds_image_path_with_images_of_several_shapes(
     one call per patch count, and a language-model-only adapter answers as transformers + PEFT do.
     Each image has another shape (so another patch count) and they arrive in one request. cuDNN's
     attention is asked for first (`vision_attention`), which on a CPU falls back to the others."""
-    registry = str(tmp_path / "registry")
-    publish_random_adapter(tiny_model, registry, LabelSet(labels=BREEDS[:6]), LM_ONLY, std=0.3)
     shaped = []
     for (label, path), size in zip(test_images, [(96, 64), (64, 96), (80, 80), (120, 40), (50, 70), (64, 64)],
                                    strict=True):
         out = tmp_path / f"{label}.jpg"
         Image.open(path).convert("RGB").resize(size).save(out)
         shaped.append((label, out))
-    port = free_port()
-    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_VLLM__TOWER_LORA": "false", "PETBREED_VLLM__VISION_ATTENTION": "cudnn"}
-    with running_server(tiny_model, env, port, tmp_path) as server, \
-            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+    env = {"PETBREED_VLLM__TOWER_LORA": "false", "PETBREED_VLLM__VISION_ATTENTION": "cudnn"}
+    with random_adapter_server(tiny_model, LM_ONLY, env, tmp_path) as (registry, client, _):
         assert_parity(client, registry, tiny_model, shaped, tmp_path)
 
 
@@ -342,16 +338,25 @@ def test_fast_prefill_answers_as_transformers_peft(test_images: list[tuple[str, 
     from finetune.tiny_model import TinyModelConfig, make_tiny_model
 
     model = make_tiny_model(tmp_path / "kv-shared", TinyModelConfig(shape="tiny-kv"))
-    registry = str(tmp_path / "registry")
-    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), LoraSettings(r=8, alpha=16), std=0.3)
-    port = free_port()
-    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0",
-           "PETBREED_MERGED_ADAPTER": "pets", "PETBREED_VLLM__FAST_PREFILL": "true"}
-    with running_server(model, env, port, tmp_path) as server, \
-            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+    env = {"PETBREED_MERGED_ADAPTER": "pets", "PETBREED_VLLM__FAST_PREFILL": "true"}
+    with random_adapter_server(model, LoraSettings(r=8, alpha=16), env, tmp_path) as (registry, client, server):
         assert_parity(client, registry, model, test_images, tmp_path)
         log = Path(str(server["log"])).read_text()
     assert "--kv-sharing-fast-prefill" in log  # vLLM's own warning: the engine took the setting
+
+
+@contextmanager
+def random_adapter_server(model: Path, lora: LoraSettings, env: dict[str, str],
+                          tmp_path: Path) -> Iterator[tuple[str, httpx.Client, dict]]:
+    """A server of `model` with these settings, whose registry holds a random 6-breed `pets@1`;
+    yields the registry, a client of the server and the server."""
+    registry = str(tmp_path / "registry")
+    publish_random_adapter(model, registry, LabelSet(labels=BREEDS[:6]), lora, std=0.3)
+    port = free_port()
+    env = {"PETBREED_REGISTRY": registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0", **env}
+    with running_server(model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client:
+        yield registry, client, server
 
 
 def assert_accurate(served: list[dict], test_images: list[tuple[str, Path]]) -> None:

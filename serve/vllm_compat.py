@@ -153,9 +153,10 @@ def _gemma4_class() -> Any:
     return getattr(gemma4_mm, "Gemma4ForConditionalGeneration", None)
 
 
-def _unpatched(model_cls: Any, method: str) -> Any:
-    """`model_cls.method` if there is one that petbreed has not wrapped yet, else None."""
-    original = getattr(model_cls, method, None) if model_cls is not None else None
+def _unpatched(owner: Any, name: str) -> Any:
+    """`owner.name` (a class's method, a module's function) if there is one that petbreed has not
+    wrapped yet, else None."""
+    original = getattr(owner, name, None) if owner is not None else None
     return None if original is None or getattr(original, "_petbreed_patched", False) else original
 
 
@@ -283,8 +284,8 @@ def _patch_fast_prefill_metadata() -> None:
         from vllm.v1.attention.backends import utils
     except ImportError:
         return
-    original = getattr(utils, "make_kv_sharing_fast_prefill_common_attn_metadata", None)
-    if original is None or getattr(original, "_petbreed_patched", False):
+    original = _unpatched(utils, "make_kv_sharing_fast_prefill_common_attn_metadata")
+    if original is None:
         return
     if "max_logits_per_req" in {field.name for field in dataclasses.fields(CommonAttentionMetadata)}:
         return  # this vLLM's own code waits for nothing

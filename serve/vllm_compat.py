@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 from pathlib import Path
@@ -79,6 +80,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from serve.vision_tower import TowerGraphs, compile_for_one_and_several, compile_tower, encode_group, encode_images
+
+# A child of vLLM's logger, so that its lines reach vLLM's handler in the worker processes too.
+logger = logging.getLogger("vllm.petbreed")
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
@@ -295,11 +299,18 @@ def _patch_fast_prefill_metadata() -> None:
     ) -> CommonAttentionMetadata:
         common = common_attn_metadata
         if common.max_query_len > 1 and common.num_logits_indices == common.num_reqs:
+            _log_fast_prefill_backport()
             return one_position_per_request(common)
         return original(common)
 
     make_kv_sharing_fast_prefill_common_attn_metadata._petbreed_patched = True  # type: ignore[attr-defined]
     utils.make_kv_sharing_fast_prefill_common_attn_metadata = make_kv_sharing_fast_prefill_common_attn_metadata
+
+
+@functools.cache
+def _log_fast_prefill_backport() -> None:
+    # Once per worker: the one sign on a GPU run that this vLLM took petbreed's metadata path.
+    logger.info("petbreed: fast prefill's KV-shared metadata without host syncs (one position per request)")
 
 
 # What vLLM's fast-prefill metadata keeps of a step's (`_`: vLLM 0.24's fields of it).

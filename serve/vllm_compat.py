@@ -70,7 +70,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import math
 import os
 from pathlib import Path
@@ -80,9 +79,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from serve.vision_tower import TowerGraphs, compile_for_one_and_several, compile_tower, encode_group, encode_images
-
-# A child of vLLM's logger, so that its lines reach vLLM's handler in the worker processes too.
-logger = logging.getLogger("vllm.petbreed")
 
 COMPILE_VISION_ENV = "PETBREED_COMPILE_VISION_TOWER"
 IMAGES_APART_ENV = "PETBREED_IMAGES_APART"
@@ -284,6 +280,7 @@ def _is_cpu_array(item: Any) -> bool:
 
 def _patch_fast_prefill_metadata() -> None:
     try:
+        from vllm.logger import init_logger
         from vllm.v1.attention.backend import CommonAttentionMetadata
         from vllm.v1.attention.backends import utils
     except ImportError:
@@ -293,24 +290,22 @@ def _patch_fast_prefill_metadata() -> None:
         return
     if "max_logits_per_req" in {field.name for field in dataclasses.fields(CommonAttentionMetadata)}:
         return  # this vLLM's own code waits for nothing
+    # A child of vLLM's logger, so that its lines reach vLLM's handler in the worker processes.
+    logger = init_logger("vllm.petbreed")
 
     def make_kv_sharing_fast_prefill_common_attn_metadata(
         common_attn_metadata: CommonAttentionMetadata,
     ) -> CommonAttentionMetadata:
         common = common_attn_metadata
         if common.max_query_len > 1 and common.num_logits_indices == common.num_reqs:
-            _log_fast_prefill_backport()
+            # The one sign on a GPU run that this vLLM took petbreed's metadata path.
+            logger.info_once("petbreed: fast prefill's KV-shared metadata without host syncs "
+                             "(one position per request)")
             return one_position_per_request(common)
         return original(common)
 
     make_kv_sharing_fast_prefill_common_attn_metadata._petbreed_patched = True  # type: ignore[attr-defined]
     utils.make_kv_sharing_fast_prefill_common_attn_metadata = make_kv_sharing_fast_prefill_common_attn_metadata
-
-
-@functools.cache
-def _log_fast_prefill_backport() -> None:
-    # Once per worker: the one sign on a GPU run that this vLLM took petbreed's metadata path.
-    logger.info("petbreed: fast prefill's KV-shared metadata without host syncs (one position per request)")
 
 
 # What vLLM's fast-prefill metadata keeps of a step's (`_`: vLLM 0.24's fields of it).

@@ -30,10 +30,12 @@ class VllmSettings(BaseModel):
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     torch_compile: bool = Field(
         False, description="with CUDA graphs: full graphs of the torch.compiled model instead of the eager model's; "
-        "steps too large for a graph run compiled too. On one H100, merged with fp8 weights: 130.9-138.2 against "
-        "121.5-131.3 images/s saturated (about 1.05x, within a run's spread), no gain at concurrency 1. A cold start "
-        "compiles for minutes (ready after 392 against 230 s); vLLM keeps the compiled code in "
-        "PETBREED_CACHE_DIR/vllm, and a start that finds it is as quick as the eager engine's (docs/performance.md)"
+        "steps too large for a graph run compiled too. Alone, on one H100 merged with fp8 weights, about 1.05x "
+        "saturated and nothing at concurrency 1. With fast_prefill it gives the prompt steps piecewise graphs: on "
+        "one H100 167.1-172.8 against 149.8-161.1 images/s saturated and p50 44.4 against 122.7 ms at concurrency 1. "
+        "A cold start compiles for minutes (ready after 357-392 against 169-230 s); vLLM keeps the compiled code in "
+        "PETBREED_CACHE_DIR/vllm, keyed by the engine's settings and VLLM_* variables, and a start that finds it is "
+        "about as quick as the eager engine's (docs/performance.md)"
     )
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "
@@ -52,8 +54,9 @@ class VllmSettings(BaseModel):
     fast_prefill: bool = Field(
         False, description="with merged_adapter: vLLM's kv_sharing_fast_prefill. Gemma 4's KV-shared layers (its "
         "last num_kv_shared_layers, 18 of E4B's 42) run only on the one position per prompt that is answered, not on "
-        "the image's tokens. No CUDA graph then holds a step with a prompt (torch_compile keeps piecewise ones), so it "
-        "trades latency at low concurrency for saturated throughput (docs/performance.md)"
+        "the image's tokens. No full CUDA graph then holds a step with a prompt: alone it trades latency at low "
+        "concurrency for saturated throughput; with torch_compile those steps get piecewise graphs, which keeps the "
+        "throughput and most of the latency (docs/performance.md)"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "

@@ -12,9 +12,11 @@
 # that to .carry/ and the next call's `setup` unpacks it (engine init 84-100 s instead of 188 s).
 # A call carries at most 64 MiB: carry [".carry/pkg", ".carry/wheels", ".carry/inductor.tar.xz"]
 # with py-spy's wheel moved out of .carry/wheels unless the call runs serve-spy. With
-# --torch-compile vLLM's own cache joins it: both came to 3.5 MB packed (253 MB on disk) with the
-# 64 MiB window below (a LoRA engine's vLLM cache alone: 7.6 MB with xz's 4 MiB). Beside the pack that
-# leaves under 0.1 MB, so engine calls leave .carry/wheels (the CLI's, which they do not import) behind.
+# --torch-compile vLLM's own cache joins it: 253 MB on disk packed to 3.5 MB with a 64 MiB window, but
+# with fast prefill's compile too (1.6 GB) that window gave 11.2 MB and the 256 MiB window below 5.4 MB
+# (47 s on one thread). Beside .carry/pkg that leaves little, so engine calls leave .carry/wheels (the
+# CLI's, which they do not import) behind. vLLM keys its cache by VLLM_* variables too
+# (VLLM_CONFIGURE_LOGGING included): change none between the calls that share it.
 set -uo pipefail
 T0=$(date +%s); LIMIT=${LIMIT:-560}; OUT=${OUT:-/tmp/out}; REPO=$(pwd)
 export PYTHONPATH=/root/tf:/root/site:/root/extra:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
@@ -71,7 +73,7 @@ for s in "$@"; do
              --soft-tokens 280 $SERVE_FLAGS" ;;
     train) step train 200 "python3 bench/bench_train.py --model $MODEL --data $DATA --batch ${BATCH:-16} \
              --steps ${STEPS:-6} --warmup ${WARMUP:-2} --workers 8 --extra-batches=${EXTRA:-} ${TRAIN_FLAGS:-} --json $OUT/train.json" ;;
-    cache-out) step cache-out 60 "tar -C /root/inductor -cf - . | xz -T0 --lzma2=preset=3,dict=64MiB > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
+    cache-out) step cache-out 60 "tar -C /root/inductor -cf - . | xz -T0 --lzma2=preset=3,dict=256MiB > $OUT/inductor.tar.xz; ls -la $OUT/inductor.tar.xz" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

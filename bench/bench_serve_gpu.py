@@ -523,13 +523,28 @@ def ratios(rows: list[dict[str, Any]], levels: list[int], ours_way: str) -> dict
                                                  / row("reference_8_tokens", top)["images_per_s"], 2)}
 
 
-def gpu_memory_gib() -> float | None:
+def nvidia_smi(field: str) -> str | None:
+    """The first GPU's `field` as nvidia-smi reports it, or None where there is none."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, check=True).stdout
-        return round(int(out.split()[0]) / 1024, 1)
-    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+    except (OSError, subprocess.CalledProcessError):
         return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def gpu_memory_gib() -> float | None:
+    used = nvidia_smi("memory.used")
+    return round(int(used) / 1024, 1) if used and used.isdigit() else None
+
+
+def host() -> dict[str, Any]:
+    """The GPU and the CPU beside it. Lent H100s differ in CPU: rendering, the API's decoding and eager
+    launches follow it, so figures from two machines compare only with this beside them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"gpu": nvidia_smi("name"), "cpu": names[0] if names else None, "cpus": os.cpu_count()}
 
 
 async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:
@@ -802,7 +817,7 @@ def main() -> None:
         images = folder_images(args.images) if args.images else partial(photo_like, size=args.image_size)
         result = asyncio.run(run(args, registry, Path(tmp) / "cache", images))
     default = json.loads((args.model / "config.json").read_text())["vision_config"]["default_output_length"]
-    result.update(mode=args.mode, model=str(args.model), image_size=args.image_size, merged=args.merged,
+    result.update(host=host(), mode=args.mode, model=str(args.model), image_size=args.image_size, merged=args.merged,
                   graphs=args.graphs, torch_compile=args.torch_compile, fast_prefill=args.fast_prefill,
                   max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,

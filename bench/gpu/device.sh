@@ -47,6 +47,7 @@ for s in "$@"; do
              chmod +x /root/extra/*.data/scripts/* 2>/dev/null; \
              mkdir -p /root/inductor; [ -f .carry/inductor.tar.xz ] && tar -C /root/inductor -xJf .carry/inductor.tar.xz; \
              nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+             grep -m1 'model name' /proc/cpuinfo; nproc; \
              python3 -c 'import torch, transformers, peft, accelerate, vllm; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, vllm.__version__)'" || exit 1 ;;
     model) [ -f $MODEL/config.json ] || step model 120 "python3 -c 'from pathlib import Path; \
              from finetune.tiny_model import TinyModelConfig, make_tiny_model; \

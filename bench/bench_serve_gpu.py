@@ -153,12 +153,27 @@ async def sweep(name: str, load: Load, make: Callable[[int], Any], levels: list[
         for suffix, switch in variants.items():
             await switch()
             stats()  # from here on
+            cpu = host_cpu_time()
             row = await measure(load, make, level, n, seed)
-            rows.append({"way": name + suffix, **row, **stats()})
+            rows.append({"way": name + suffix, **row, **stats(), "host_cpu_busy": host_cpu_busy(cpu)})
             seed += n
             print(json.dumps(rows[-1]), flush=True)
     await next(iter(variants.values()))()
     return rows
+
+
+def host_cpu_time() -> tuple[int, int]:
+    """The host's (busy, all) CPU time so far, from /proc/stat's first line (user to steal)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def host_cpu_busy(since: tuple[int, int]) -> float:
+    """The share of all the host's cores busy since `since`, load generator included: near 1, the
+    host's CPU held the level, not the GPU (2026-12-06: one H100's host held HTTP to 100 images/s)."""
+    busy, total = host_cpu_time()
+    return round((busy - since[0]) / max(total - since[1], 1), 3)
 
 
 async def _nothing() -> None:

@@ -556,10 +556,9 @@ def gpu_memory_gib() -> float | None:
 def host() -> dict[str, Any]:
     """The GPU and the CPU beside it. Lent H100s differ in CPU: rendering, the API's decoding and eager
     launches follow it, so figures from two machines compare only with this beside them."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"gpu": nvidia_smi("name"), "cpu": names[0] if names else None, "cpus": os.cpu_count()}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None)
+    return {"gpu": nvidia_smi("name"), "cpu": cpu, "cpus": os.cpu_count()}
 
 
 async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images: Images) -> dict[str, Any]:

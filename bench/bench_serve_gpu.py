@@ -836,7 +836,7 @@ def main() -> None:
                   max_batched_tokens=args.max_batched_tokens,
                   graph_max_tokens=args.graph_max_tokens, max_lora_rank=args.max_lora_rank,
                   quantization=args.quantization, quantize_tower=args.quantize_tower,
-                  vision_attention=args.vision_attention,
+                  vision_attention=args.vision_attention, render_processes=args.render_processes,
                   lora_kernel_configs=args.lora_kernel_configs and str(args.lora_kernel_configs),
                   compute_bound={b or default: compute_bound(args.model, b or default, args.fast_prefill)
                                  for b in budgets(args)})

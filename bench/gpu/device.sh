@@ -10,6 +10,7 @@
 # Inductor's cache (the compiled vision tower: minutes of every engine start) can travel between
 # calls: the `cache-out` step packs it into $OUT/inductor.tar.xz (2.1 MB for the E4B tower); copy
 # that to .carry/ and the next call's `setup` unpacks it (engine init 84-100 s instead of 188 s).
+# Inductor keys it by the GPU's name: a cache written on an H100 does not serve an H200.
 # A call carries at most 64 MiB: carry [".carry/pkg", ".carry/wheels", ".carry/inductor.tar.xz"]
 # with py-spy's wheel moved out of .carry/wheels unless the call runs serve-spy. With
 # --torch-compile vLLM's own cache joins it: 253 MB on disk packed to 3.5 MB with a 64 MiB window, but

@@ -34,8 +34,9 @@ class VllmSettings(BaseModel):
         "saturated and nothing at concurrency 1. With fast_prefill it gives the prompt steps piecewise graphs: on "
         "one H100 167.1-172.8 against 149.8-161.1 images/s saturated and p50 44.4 against 122.7 ms at concurrency 1. "
         "A cold start compiles for minutes (ready after 357-392 against 169-230 s); vLLM keeps the compiled code in "
-        "PETBREED_CACHE_DIR/vllm, keyed by the engine's settings and VLLM_* variables; a start that found it was about "
-        "as quick as the eager engine's (230 s without fast_prefill; 270 against 263 s with it; docs/performance.md)"
+        "PETBREED_CACHE_DIR/vllm, keyed by the engine's settings, VLLM_* variables and (inductor's) the GPU's name; "
+        "a start that found it was about as quick as the eager engine's (230 s without fast_prefill; 270 against "
+        "263 s with it; docs/performance.md)"
     )
     quantization: Quantization | None = Field(
         None, description="vLLM's online quantization of the language model's weights while a bf16 checkpoint loads "

@@ -80,8 +80,9 @@ class VllmSettings(BaseModel):
     graph_max_tokens: int = Field(
         1024, ge=0, description="with CUDA graphs: the largest engine step (tokens) captured in a graph, 3 images at "
         "280 soft tokens; larger steps run eagerly, launch-bound by the LoRA kernels. On an H200 (vLLM 0.24) 1024 "
-        "took 8 requests at once from 20.7-27.2 to 37.8 images/s, and 2560 or more crashed the engine at start-up "
-        "(docs/performance.md). Each size costs start-up. 0: vLLM's own (512 tokens, one image)"
+        "took 8 requests at once from 20.7-27.2 to 37.8 images/s; as LoRA 2560 or more crashed the engine at "
+        "start-up, merged 4096 started (docs/performance.md). Each size costs start-up. 0: vLLM's own (512 tokens, "
+        "one image)"
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

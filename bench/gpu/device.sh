@@ -35,6 +35,9 @@ step() {  # step NAME NEED_SECONDS command...
   if [ "$(left)" -lt "$need" ]; then echo "### SKIP $name ($(left)s left)"; return 0; fi
   echo "### $name start t=$(( $(date +%s) - T0 ))s"
   timeout $(( $(left) - 5 )) bash -c "$*" > "$OUT/$name.log" 2>&1; local rc=$?
+  # A time-out ends the step's shell, but an engine it started can outlive it and hold the GPU's
+  # memory, so that the next step's engine runs out of it (2026-12-06).
+  if [ $rc -eq 124 ]; then pkill -9 -f '^([^ ]*/)?python3 (bench/|-m serve\.cli)|^VLLM::'; sleep 5; fi
   echo "### $name rc=$rc t=$(( $(date +%s) - T0 ))s"
   grep -E '^\{|^ *"|Error|error|Traceback' "$OUT/$name.log" | grep -v Warning | tail -n 40 | cut -c1-300
   return $rc

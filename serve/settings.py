@@ -57,8 +57,8 @@ class VllmSettings(BaseModel):
         "last num_kv_shared_layers, 18 of E4B's 42) run only on the one position per prompt that is answered, not on "
         "the image's tokens. No full CUDA graph then holds a step with a prompt: alone it trades latency at low "
         "concurrency for saturated throughput; with torch_compile those steps get piecewise graphs, which keeps the "
-        "throughput and a low latency at concurrency 1: on an H100 with a quick host CPU 173-189 images/s and p50 "
-        "24-26 ms one request at a time, over HTTP (docs/performance.md)"
+        "throughput and a low latency at concurrency 1: on two H100s with a quick host CPU 162-189 images/s and p50 "
+        "24-29 ms one request at a time, over HTTP (docs/performance.md)"
     )
     max_num_batched_tokens: int = Field(
         16384, ge=64, description="tokens per engine step; images per step is about this / (soft tokens + 30). "

@@ -36,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "bad base64, not an image, truncated image", 404: "unknown or refused adapter",
         413: "body or image pixel count over the limit", 415: "unsupported content type or image format",
         422: "invalid request (fields, top_k, too many images)", 429: "queue full (see Retry-After)",
-        503: "engine not loaded yet",
+        503: "engine not loaded yet, replaced adapter, or the engine stopped (see Retry-After)",
     }.items()
 }
 
@@ -185,15 +185,15 @@ ops_router = APIRouter(tags=["operations"])
 
 @ops_router.get("/healthz")
 async def healthz(server: ServerState = Depends(state)) -> JSONResponse:  # noqa: B008
-    """Liveness: the process serves HTTP. 503 only if start-up failed (a restart may help)."""
-    if server.failed:
+    """Liveness: the process serves HTTP. 503 only if start-up failed or the engine died (a restart may help)."""
+    if server.failed or server.engine_died():
         raise server.not_ready()
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(server: ServerState = Depends(state)) -> JSONResponse:  # noqa: B008
-    """Readiness: the engine is loaded and the registry was read. 503 until then."""
-    if not server.ready:
+    """Readiness: the engine is loaded and the registry was read. 503 until then, and once it has died."""
+    if server.engine_died() or not server.ready:
         raise server.not_ready()
     return JSONResponse({"status": "ready", "adapters": len(server.tables().entries)})
 

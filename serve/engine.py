@@ -66,6 +66,11 @@ patch_mm_token_check()
 MAX_IDS_PER_REQUEST = 128  # vLLM's cap on `logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)
 
 
+class RequestAborted(RuntimeError):
+    """vLLM ended a request unanswered (finish reason `abort`). A stopping engine core does that to
+    the requests it holds, and to new ones (an image's next trie round) while it stops."""
+
+
 class Classifier(Protocol):
     """What the API needs from an engine (the real one below; the benchmark calls it directly)."""
 
@@ -432,7 +437,9 @@ class VllmClassifier:
         lora = lora_request(entry) if self.merged is None else None
         async for output in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex, lora_request=lora):
             final = output
-        if final is None or not final.outputs or not final.outputs[0].logprobs:
+        if final is None or (final.outputs and final.outputs[0].finish_reason == "abort"):
+            raise RequestAborted("the engine ended the request without an answer; it may be shutting down")
+        if not final.outputs or not final.outputs[0].logprobs:
             raise RuntimeError("vLLM returned no logprobs")
         return {int(token): float(lp.logprob) for token, lp in final.outputs[0].logprobs[0].items()}
 

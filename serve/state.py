@@ -20,7 +20,7 @@ from PIL import Image
 from adapter_contract.manifest import config_sha256
 from serve.adapter_merge import AdapterReplaced
 from serve.adapters import AdapterEntry, AdapterNotFound, AdapterTable, sync
-from serve.engine import Classifier, VllmClassifier, image_budget_limit, raw_pixel_scale, tower_lora
+from serve.engine import Classifier, RequestAborted, VllmClassifier, image_budget_limit, raw_pixel_scale, tower_lora
 from serve.errors import ApiError
 from serve.images import decode_image
 from serve.metrics import Metrics
@@ -198,13 +198,21 @@ class ServerState:
             return await engine.classify(images, entry, top_k)
         except AdapterReplaced as err:
             raise ApiError(503, "adapter_replaced", str(err), self.retry_after()) from None
+        except RequestAborted as err:
+            raise ApiError(503, "request_aborted", str(err), self.retry_after()) from None
         except Exception:
-            if engine.dead():
-                # Not recoverable in-process: fail liveness so the platform restarts us.
-                self.ready, self.failed = False, "the vLLM engine died; see the logs"
+            if self.engine_died():
                 log.exception("engine died")
                 raise self.not_ready() from None
             raise
+
+    def engine_died(self) -> bool:
+        """Whether the vLLM engine has died. Not recoverable in-process: from then on liveness fails
+        too, so that the platform restarts us."""
+        if self.classifier is None or not self.classifier.dead():
+            return False
+        self.ready, self.failed = False, "the vLLM engine died; see the logs"
+        return True
 
     def _decode_all(self, images: Sequence[bytes]) -> list[Image.Image]:
         return [decode_image(data, self.settings.max_pixels) for data in images]

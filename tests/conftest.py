@@ -119,7 +119,7 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
 @contextmanager
 def running_server(model: Path, env: dict[str, str], port: int, workdir: Path) -> Iterator[dict[str, object]]:
     """`python -m serve.cli` (what `petbreed serve` runs) on the tiny model until the block ends.
-    Yields its URL, its log file and the /readyz answers seen while the engine was loading."""
+    Yields its URL, its log file, the /readyz answers seen while the engine was loading and the process."""
     log_path = workdir / "server.log"
     full_env = {
         **os.environ, "PETBREED_BASE_MODEL": str(model), "PETBREED_CACHE_DIR": str(workdir / "cache"),
@@ -132,7 +132,7 @@ def running_server(model: Path, env: dict[str, str], port: int, workdir: Path) -
     url = f"http://127.0.0.1:{port}"
     try:
         loading = _wait_ready(url, proc, log_path)
-        yield {"url": url, "log": log_path, "loading": loading}
+        yield {"url": url, "log": log_path, "loading": loading, "process": proc}
     finally:
         proc.terminate()
         try:

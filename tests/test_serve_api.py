@@ -12,13 +12,16 @@ import io
 import json
 import random
 import shutil
+import signal
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -345,6 +348,37 @@ def test_fast_prefill_answers_as_transformers_peft(test_images: list[tuple[str, 
     assert "--kv-sharing-fast-prefill" in log  # vLLM's own warning: the engine took the setting
 
 
+def test_requests_the_engine_aborts_when_it_stops_answer_503_and_the_server_stops_being_ready(
+    trained_registry: str, tiny_model: Path, test_images: list[tuple[str, Path]], tmp_path: Path
+) -> None:
+    """vLLM's engine core, signalled (Ctrl+C and `timeout` signal it with the server), aborts the
+    requests it holds and refuses new ones (an image's next trie round). Those requests answer 503
+    `request_aborted`, not 500; the rest get their answers or 503 `not_ready` once the server has
+    seen the engine die, and /healthz then asks for a restart."""
+    port = free_port()
+    env = {"PETBREED_REGISTRY": trained_registry, "PETBREED_PORT": str(port), "PETBREED_POLL_INTERVAL_S": "0"}
+    images = [jpeg(path) for _, path in test_images] * 2
+    with running_server(tiny_model, env, port, tmp_path) as server, \
+            httpx.Client(base_url=str(server["url"]), timeout=120) as client, ThreadPoolExecutor(len(images)) as pool:
+        process = server["process"]
+        assert isinstance(process, subprocess.Popen)
+        [engine_core] = [p for p in psutil.Process(process.pid).children() if "EngineCore" in " ".join(p.cmdline())]
+        replies = [pool.submit(predict_files, client, [image]) for image in images]
+        _wait_until(lambda: _queue_depth(client) == len(images))
+        engine_core.send_signal(signal.SIGTERM)
+        answers = [reply.result() for reply in replies]
+        _wait_until(lambda: client.get("/healthz").status_code != 200)
+        health = client.get("/healthz")
+    outcomes = [(a.status_code, a.json().get("error", {}).get("code")) for a in answers]
+    assert (503, "request_aborted") in outcomes, outcomes
+    assert set(outcomes) <= {(200, None), (503, "request_aborted"), (503, "not_ready")}, outcomes
+    for answer in answers:
+        if answer.status_code == 503:
+            assert_error(answer, 503, answer.json()["error"]["code"])
+            assert answer.headers["Retry-After"]
+    assert health.status_code == 503
+
+
 @contextmanager
 def random_adapter_server(model: Path, lora: LoraSettings, env: dict[str, str],
                           tmp_path: Path) -> Iterator[tuple[str, httpx.Client, dict]]:
@@ -626,6 +660,17 @@ def _stages_of_one_request(client: httpx.Client, paths: list[Path]) -> dict[str,
     assert predict_files(client, [jpeg(p) for p in paths], adapter="pets@1", top_k="6").status_code == 200
     after = _stage_counts(client)
     return {stage: after[stage] - before.get(stage, 0) for stage in after if after[stage] > before.get(stage, 0)}
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _queue_depth(client: httpx.Client) -> float:
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    return float(families["petbreed_queue_depth"].samples[0].value)
 
 
 def _stage_counts(client: httpx.Client) -> dict[str, float]:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from adapter_contract.labels import LabelTrie
-from serve.engine import MAX_IDS_PER_REQUEST, VllmClassifier
+from serve.engine import MAX_IDS_PER_REQUEST, RequestAborted, VllmClassifier
 
 
 class RecordingRenderer:
@@ -44,17 +44,21 @@ class RecordingPool:
 
 class RecordingEngine:
     """Answers each request with log p(token) for the ids it asked about: from `probs` where given,
-    else -token / 100."""
+    else -token / 100. After `answers` requests it aborts the rest, as a stopping engine core does."""
 
-    def __init__(self, probs: dict[int, float] | None = None) -> None:
+    def __init__(self, probs: dict[int, float] | None = None, answers: int | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
         self.probs = probs or {}
+        self.answers = answers
         self.renderer = RecordingRenderer()
 
     async def generate(self, prompt: dict[str, Any], params: Any, **_: Any) -> AsyncIterator[Any]:
         self.requests.append({"prompt": prompt, "ids": list(params.logprob_token_ids)})
+        if self.answers is not None and len(self.requests) > self.answers:
+            yield SimpleNamespace(outputs=[SimpleNamespace(logprobs=None, finish_reason="abort")])
+            return
         logprobs = {t: SimpleNamespace(logprob=self._logprob(t)) for t in params.logprob_token_ids}
-        yield SimpleNamespace(outputs=[SimpleNamespace(logprobs=[logprobs])])
+        yield SimpleNamespace(outputs=[SimpleNamespace(logprobs=[logprobs], finish_reason="length")])
 
     def _logprob(self, token: int) -> float:
         return math.log(self.probs[token]) if token in self.probs else -token / 100
@@ -77,6 +81,15 @@ def test_a_node_with_more_children_than_one_request_returns_is_asked_in_chunks()
     assert [len(r["ids"]) for r in engine.requests] == [MAX_IDS_PER_REQUEST, MAX_IDS_PER_REQUEST, 44]
     weights = [math.exp(-(1000 + i) / 100) for i in range(n)]
     assert max(abs(p - w / sum(weights)) for p, w in zip(probs, weights, strict=True)) < 1e-12
+
+
+def test_a_request_the_engine_aborts_is_reported_as_aborted() -> None:
+    """A stopping engine core answers the requests it has and refuses the next (an image's second
+    trie round): the API answers 503 `request_aborted` (test_serve_api.py, on the real engine)."""
+    trie = LabelTrie([(1, 2), (1, 3), (4, 5)])  # branch nodes: the root and (1,)
+
+    with pytest.raises(RequestAborted):
+        asyncio.run(VllmClassifier(RecordingEngine(answers=1)).classify([Image.new("RGB", (8, 8))], entry_for(trie)))
 
 
 def test_each_image_is_processed_once_and_every_request_about_it_extends_that() -> None:

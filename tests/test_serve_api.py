@@ -24,6 +24,7 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_contract.labels import LabelSet
@@ -668,14 +669,16 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
+def _metrics(client: httpx.Client) -> dict[str, Metric]:
+    return {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+
+
 def _queue_depth(client: httpx.Client) -> float:
-    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
-    return float(families["petbreed_queue_depth"].samples[0].value)
+    return float(_metrics(client)["petbreed_queue_depth"].samples[0].value)
 
 
 def _stage_counts(client: httpx.Client) -> dict[str, float]:
-    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
-    samples = families["petbreed_stage_duration_seconds"].samples
+    samples = _metrics(client)["petbreed_stage_duration_seconds"].samples
     return {s.labels["stage"]: s.value for s in samples if s.name.endswith("_count")}
 
 

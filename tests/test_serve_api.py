@@ -523,14 +523,10 @@ def test_polling_picks_up_a_new_version(
     published = publish_like(
         registry, registry.manifest("pets", 1), random_adapter(tiny_model, tmp_path / "v", seed=4), metrics={}
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        refs = {a["ref"]: a["loaded"] for a in client.get("/v1/models").json()["adapters"]}
-        if refs.get(published.ref):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"{published.ref} not picked up by polling")
+    def loaded() -> bool:
+        return bool({a["ref"]: a["loaded"] for a in client.get("/v1/models").json()["adapters"]}.get(published.ref))
+
+    assert _wait_until(loaded, timeout=60, interval=0.5), f"{published.ref} not picked up by polling"
 
 
 def test_in_flight_requests_finish_on_their_version(
@@ -665,10 +661,14 @@ def _stages_of_one_request(client: httpx.Client, paths: list[Path]) -> dict[str,
     return {stage: after[stage] - before.get(stage, 0) for stage in after if after[stage] > before.get(stage, 0)}
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+def _wait_until(condition: Callable[[], bool], timeout: float = 30, interval: float = 0.01) -> bool:
+    """Whether `condition` came true within `timeout` seconds, asked every `interval`."""
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def _metrics(client: httpx.Client) -> dict[str, Metric]:

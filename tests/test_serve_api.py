@@ -24,7 +24,6 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
-from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_contract.labels import LabelSet
@@ -671,12 +670,9 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 30, interval: fl
     return True
 
 
-def _metrics(client: httpx.Client) -> dict[str, Metric]:
-    return {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
-
-
 def _stage_counts(client: httpx.Client) -> dict[str, float]:
-    samples = _metrics(client)["petbreed_stage_duration_seconds"].samples
+    families = {family.name: family for family in text_string_to_metric_families(client.get("/metrics").text)}
+    samples = families["petbreed_stage_duration_seconds"].samples
     return {s.labels["stage"]: s.value for s in samples if s.name.endswith("_count")}
 
 

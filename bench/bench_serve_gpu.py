@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -577,7 +578,7 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
                 await wait_ready(client, url, proc)
         start_s = time.perf_counter() - t0
         targets = [servers[0][1]]
-        stages: list[dict[str, Any]] = []  # per level (warm-ups too), the first server's time per stage
+        stages: list[dict[str, Any]] = []  # per level (warm-ups too), the first server's time per stage, CPU by part
 
         def upload(seed: int) -> bytes:
             buf = io.BytesIO()
@@ -592,9 +593,12 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
                       for i in range(count)]
             loop = asyncio.get_running_loop()
             before = await asyncio.to_thread(stage_totals, targets[0])
+            cpu_before, clock = server_cpu_seconds(servers[0][0].pid), time.monotonic()
             runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share) for share in shares))
+            cores = cores_busy(cpu_before, server_cpu_seconds(servers[0][0].pid), time.monotonic() - clock)
             stages.append({"concurrency": concurrency, "requests": len(bodies),
-                           **stage_means(before, await asyncio.to_thread(stage_totals, targets[0]))})
+                           **stage_means(before, await asyncio.to_thread(stage_totals, targets[0])),
+                           "cpu_cores": cores})
             wall = max(end for _, end, _ in runs) - min(begin for begin, _, _ in runs)
             return wall, [latency for *_, latencies in runs for latency in latencies]
 
@@ -614,6 +618,55 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
             proc.terminate()
         for proc, _ in servers:
             proc.wait(60)
+
+
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a `petbreed serve` process tree, by part: the API process's event loop
+    (its main thread, which runs every request's Python and vLLM's output handler), the API
+    process's other threads (image decoding), the engine core with its workers (vLLM's CPU build
+    runs its model in a worker process), and the API process's other children (the render
+    processes, and multiprocessing's resource tracker). Read from /proc: the device has no psutil
+    of its own to rely on."""
+    seconds = {"api_event_loop": _proc_cpu_seconds(pid, f"task/{pid}/stat")}
+    seconds["api_other_threads"] = _proc_cpu_seconds(pid, "stat") - seconds["api_event_loop"]
+    seconds["engine_core"] = seconds["render_processes"] = 0.0
+    tree = _children()
+    for child in tree.get(pid, []):
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            title = Path(f"/proc/{child}/cmdline").read_bytes() + Path(f"/proc/{child}/comm").read_bytes()
+            part = "engine_core" if b"EngineCore" in title else "render_processes"
+            seconds[part] += sum(_proc_cpu_seconds(p, "stat") for p in _subtree(tree, child))
+    return seconds
+
+
+def cores_busy(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Each part's CPU seconds between two readings per second of wall time: 1.0 is one core busy
+    all the time (the most the event loop can give)."""
+    return {part: round((after[part] - before.get(part, 0.0)) / wall, 3) for part in after}
+
+
+def _proc_cpu_seconds(pid: int, stat: str) -> float:
+    """utime + stime of /proc/PID/STAT. A process that has ended counts 0."""
+    try:
+        text = Path(f"/proc/{pid}/{stat}").read_text()
+    except OSError:
+        return 0.0
+    # utime and stime are the 14th and 15th fields; the 2nd (the name, in brackets) may hold spaces.
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from each /proc/PID/stat's parent field."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            tree.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _subtree(tree: dict[int, list[int]], pid: int) -> list[int]:
+    return [pid] + [p for child in tree.get(pid, []) for p in _subtree(tree, child)]
 
 
 def stage_totals(url: str) -> dict[str, tuple[float, float]]:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -552,6 +552,26 @@ def nvidia_smi(field: str) -> str | None:
     return out.splitlines()[0].strip() if out.strip() else None
 
 
+@contextlib.contextmanager
+def gpu_busy() -> Iterator[dict[str, float | None]]:
+    """Yields a dict whose "gpu_busy" is set on exit: the mean of nvidia-smi's utilization.gpu (the
+    share of time a kernel ran) sampled every 250 ms meanwhile, or None where there is no GPU.
+    Beside the CPU by part it tells a CPU-held level (the GPU waits) from a GPU-held one."""
+    result: dict[str, float | None] = {"gpu_busy": None}
+    try:
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                    "-lms", "250"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        yield result
+        return
+    try:
+        yield result
+    finally:
+        sampler.terminate()
+        samples = [int(line) for line in sampler.communicate()[0].split() if line.isdigit()]
+        result["gpu_busy"] = round(sum(samples) / len(samples) / 100, 3) if samples else None
+
+
 def gpu_memory_gib() -> float | None:
     used = nvidia_smi("memory.used")
     return round(int(used) / 1024, 1) if used and used.isdigit() else None
@@ -597,11 +617,12 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
             loop = asyncio.get_running_loop()
             before = await asyncio.to_thread(stage_totals, targets[0])
             cpu_before, clock = server_cpu_seconds(servers[0][0].pid), time.monotonic()
-            runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share) for share in shares))
+            with gpu_busy() as gpu:
+                runs = await asyncio.gather(*(loop.run_in_executor(clients, post_all, *share) for share in shares))
             cores = cores_busy(cpu_before, server_cpu_seconds(servers[0][0].pid), time.monotonic() - clock)
             stages.append({"concurrency": concurrency, "requests": len(bodies),
                            **stage_means(before, await asyncio.to_thread(stage_totals, targets[0])),
-                           "cpu_cores": cores})
+                           "cpu_cores": cores, **gpu})
             wall = max(end for _, end, _ in runs) - min(begin for begin, _, _ in runs)
             return wall, [latency for *_, latencies in runs for latency in latencies]
 

@@ -10,20 +10,25 @@ processes it has locks of its own.
 Each worker builds the renderer the engine built, from the engine's own VllmConfig, with
 `renderer_from_config` and `render_cmpl`, which vLLM 0.24 and 0.32 share. So a prompt rendered
 there is the one the engine's renderer makes (tests/test_serve_api.py compares the answers).
-Images and tensors cross as raw bytes, not as torch's shared-memory handles: one copy each way,
-no file descriptors held per tensor.
+Images and tensors cross as raw bytes, not as torch's shared-memory handles: no file descriptors
+held per tensor. A rendered image (2 MB of pixels at 280 soft tokens) comes back in a shared-memory
+block of its own, not through the pool's pipe: read from a pipe, then unpickled by the pool's one
+manager thread, it cost the API process 2.7-3.2 ms of CPU per image against 1.1 ms
+(bench/bench_render_transport.py), and on a slower H100 host that process, not the render
+processes, held saturation (docs/performance.md, 2026-12-06, ninth session).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import pickle
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
-from typing import Any
+from multiprocessing import get_context, shared_memory
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,12 +68,16 @@ class RenderPool:
 
     async def render(self, prompt: dict[str, Any]) -> dict[str, Any]:
         """`prompt` as vLLM's `render_cmpl` takes it, rendered for `AsyncLLM.generate`."""
+        future = self._pool.submit(_render, dumps(prompt))
         try:
-            rendered = await asyncio.get_running_loop().run_in_executor(self._pool, _render, dumps(prompt))
+            block = await asyncio.wrap_future(future)
         except BrokenProcessPool:
             self.broken = True  # a worker died: nothing more renders, the server must restart
             raise
-        return pickle.loads(rendered)
+        except asyncio.CancelledError:
+            future.add_done_callback(_free_unread)  # a render already running still fills a block
+            raise
+        return from_shared_memory(*block)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -87,14 +96,46 @@ def _ready(_: int) -> bool:
 
 
 def _render_and_wait(prompt: bytes) -> int:
-    _render(prompt)
+    _rendered(prompt)
     _all_here.wait(timeout=600)
     return os.getpid()
 
 
-def _render(prompt: bytes) -> bytes:
+def _render(prompt: bytes) -> tuple[str, int]:
+    return to_shared_memory(_rendered(prompt))
+
+
+def _rendered(prompt: bytes) -> bytes:
     (rendered,) = _renderer.render_cmpl([pickle.loads(prompt)])
     return dumps(dict(rendered))
+
+
+def to_shared_memory(data: bytes) -> tuple[str, int]:
+    """`data` in a new shared-memory block: its name and size. The reader unlinks it
+    (`from_shared_memory`). Registered with multiprocessing's resource tracker, which the pool's
+    processes share with the API process: a block nobody reads is unlinked when the server exits."""
+    block = shared_memory.SharedMemory(create=True, size=len(data))
+    cast(memoryview, block.buf)[: len(data)] = data  # buf is None only once closed
+    block.close()
+    return block.name, len(data)
+
+
+def from_shared_memory(name: str, size: int) -> Any:
+    """What `to_shared_memory` wrote, unpickled into memory of its own; the block is gone after."""
+    block = shared_memory.SharedMemory(name=name)
+    try:
+        with cast(memoryview, block.buf)[:size] as data:
+            return pickle.loads(data)
+    finally:
+        block.close()
+        block.unlink()
+
+
+def _free_unread(future: Future[tuple[str, int]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        name, _ = future.result()
+        with contextlib.suppress(FileNotFoundError):
+            shared_memory.SharedMemory(name=name).unlink()
 
 
 def dumps(obj: Any) -> bytes:

@@ -4,6 +4,7 @@ served answers transformers + PEFT give is checked in test_serve_api (the GPU de
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 
 from serve import engine
 from serve.engine import engine_args, render_processes
-from serve.render_pool import RenderPool, dumps
+from serve.render_pool import RenderPool, dumps, from_shared_memory, to_shared_memory
 from serve.settings import ServeSettings, VllmSettings
 
 
@@ -67,3 +68,43 @@ def test_every_process_renders_a_first_image_even_one_that_starts_late(tiny_mode
         assert len(asyncio.run(pool.render_in_every_process(prompt))) == 2
     finally:
         pool.shutdown()
+
+
+def _shared_blocks() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def test_a_block_is_read_once_into_memory_of_its_own_and_is_gone_after() -> None:
+    pixels = torch.randint(0, 255, (2520, 768), dtype=torch.uint8)
+    before = _shared_blocks()
+    name, size = to_shared_memory(dumps({"pixels": pixels}))
+    assert _shared_blocks() - before == {name}
+    back = from_shared_memory(name, size)
+    assert torch.equal(back["pixels"], pixels) and _shared_blocks() == before
+    with pytest.raises(FileNotFoundError):
+        from_shared_memory(name, size)
+
+
+def test_renders_leave_no_shared_memory_behind_even_when_the_caller_gives_up(tiny_model: Path) -> None:
+    """A client that disconnects cancels its render while a process is already rendering it: the
+    block that process fills is freed when it arrives, not left in /dev/shm."""
+    pool = RenderPool(engine_args(ServeSettings(), str(tiny_model)).create_engine_config(), 1)
+    pool.warm_up()
+
+    def prompt() -> dict[str, Any]:
+        return {"prompt_token_ids": [2, 7, 9], "multi_modal_data": {"image": Image.new("RGB", (64, 64))},
+                "multi_modal_uuids": {"image": [uuid.uuid4().hex]}}
+
+    async def give_up_on_one_then_render_one() -> dict[str, Any]:
+        abandoned = asyncio.create_task(pool.render(prompt()))
+        await asyncio.sleep(0.05)  # submitted, and running in the one process
+        abandoned.cancel()
+        return await pool.render(prompt())  # the one process finishes the abandoned render first
+
+    before = _shared_blocks()
+    try:
+        rendered = asyncio.run(give_up_on_one_then_render_one())
+    finally:
+        pool.shutdown()
+    assert {"prompt_token_ids", "mm_kwargs", "mm_hashes"} <= set(rendered)  # vLLM's rendered multimodal prompt
+    assert _shared_blocks() == before

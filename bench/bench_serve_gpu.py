@@ -647,11 +647,11 @@ async def http_mode(args: argparse.Namespace, registry: str, cache: Path, images
 def server_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds so far of a `petbreed serve` process tree, by part: the API process's event loop
     (its main thread, which runs every request's Python and vLLM's output handler), the API
-    process's other threads (image decoding), the engine core's main thread (its busy loop:
-    scheduling, and on one GPU the model's steps), its other threads and its workers (vLLM's CPU
-    build runs the model in a worker process), and the API process's other children (the render
-    processes, and multiprocessing's resource tracker). Read from /proc: the device has no psutil
-    of its own to rely on."""
+    process's other threads (image decoding, the render pool's manager thread), the engine core's
+    main thread (its busy loop: scheduling, and on one GPU the model's steps), its other threads
+    and its workers (vLLM's CPU build runs the model in a worker process), and the API process's
+    other children (the render processes, and multiprocessing's resource tracker). Read from /proc:
+    the device has no psutil of its own to rely on."""
     seconds = {"api_event_loop": _proc_cpu_seconds(pid, f"task/{pid}/stat")}
     seconds["api_other_threads"] = _proc_cpu_seconds(pid, "stat") - seconds["api_event_loop"]
     seconds["engine_core_main_thread"] = seconds["engine_core_other"] = seconds["render_processes"] = 0.0

@@ -137,7 +137,9 @@ def _free_unread(future: Future[tuple[str, int]]) -> None:
     if not future.cancelled() and future.exception() is None:
         name, _ = future.result()
         with contextlib.suppress(FileNotFoundError):
-            shared_memory.SharedMemory(name=name).unlink()
+            block = shared_memory.SharedMemory(name=name)
+            block.close()
+            block.unlink()
 
 
 def dumps(obj: Any) -> bytes:

@@ -50,13 +50,13 @@ def through_pipe(_: int) -> bytes:
     return _rendered
 
 
-def through_shared_memory(_: int) -> tuple[str, int]:
+def through_shared_memory(_: int) -> tuple[str, int] | bytes:
     return to_shared_memory(_rendered)
 
 
 WAYS: dict[str, tuple[Callable[[int], Any], Callable[[Any], Any]]] = {
     "pipe": (through_pipe, pickle.loads),
-    "shared_memory": (through_shared_memory, lambda block: from_shared_memory(*block)),
+    "shared_memory": (through_shared_memory, lambda block: from_shared_memory(*block)),  # /dev/shm has room
 }
 
 

@@ -13,7 +13,7 @@ there is the one the engine's renderer makes (tests/test_serve_api.py compares t
 Images and tensors cross as raw bytes, not as torch's shared-memory handles: no file descriptors
 held per tensor. A rendered image (2 MB of pixels at 280 soft tokens) comes back in a shared-memory
 block of its own, not through the pool's pipe. Read from the pipe and unpickled by the pool's
-one manager thread, it cost the API process 4.1-4.3 ms of CPU per image, against 1.0 ms from
+one manager thread, it cost the API process 3.9-4.6 ms of CPU per image, against 1.0-1.2 ms from
 shared memory (bench/bench_render_transport.py), in threads that share the event loop's
 interpreter lock. On a slower H100 host at saturation the GPU was a third idle while images waited
 about a second for their render and the render processes were two-thirds idle
@@ -79,7 +79,7 @@ class RenderPool:
         except asyncio.CancelledError:
             future.add_done_callback(_free_unread)  # a render already running still fills a block
             raise
-        return from_shared_memory(*block)
+        return pickle.loads(block) if isinstance(block, bytes) else from_shared_memory(*block)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -103,7 +103,7 @@ def _render_and_wait(prompt: bytes) -> int:
     return os.getpid()
 
 
-def _render(prompt: bytes) -> tuple[str, int]:
+def _render(prompt: bytes) -> tuple[str, int] | bytes:
     return to_shared_memory(_rendered(prompt))
 
 
@@ -112,14 +112,33 @@ def _rendered(prompt: bytes) -> bytes:
     return dumps(dict(rendered))
 
 
-def to_shared_memory(data: bytes) -> tuple[str, int]:
+def to_shared_memory(data: bytes) -> tuple[str, int] | bytes:
     """`data` in a new shared-memory block: its name and size. The reader unlinks it
     (`from_shared_memory`). Registered with multiprocessing's resource tracker, which the pool's
-    processes share with the API process: a block nobody reads is unlinked when the server exits."""
+    processes share with the API process: a block nobody reads is unlinked when the server exits.
+    Where /dev/shm has no room (Docker gives a container 64 MB unless told otherwise), `data`
+    itself, to cross through the pool's pipe."""
     block = shared_memory.SharedMemory(create=True, size=len(data))
+    try:
+        _reserve(block.name, len(data))
+    except OSError:
+        block.close()
+        block.unlink()
+        return data
     cast(memoryview, block.buf)[: len(data)] = data  # buf is None only once closed
     block.close()
     return block.name, len(data)
+
+
+def _reserve(name: str, size: int) -> None:
+    """Writing into a full /dev/shm through a memory map kills the writer (SIGBUS, a broken pool);
+    reserving the room first fails with an OSError instead. Linux keeps POSIX shared memory in
+    /dev/shm, and vLLM runs on Linux only."""
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def from_shared_memory(name: str, size: int) -> Any:
@@ -133,11 +152,11 @@ def from_shared_memory(name: str, size: int) -> Any:
         block.unlink()
 
 
-def _free_unread(future: Future[tuple[str, int]]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        name, _ = future.result()
+def _free_unread(future: Future[tuple[str, int] | bytes]) -> None:
+    result = None if future.cancelled() or future.exception() else future.result()
+    if isinstance(result, tuple):
         with contextlib.suppress(FileNotFoundError):
-            block = shared_memory.SharedMemory(name=name)
+            block = shared_memory.SharedMemory(name=result[0])
             block.close()
             block.unlink()
 

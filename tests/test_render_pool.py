@@ -4,6 +4,7 @@ served answers transformers + PEFT give is checked in test_serve_api (the GPU de
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pickle
 import uuid
@@ -77,12 +78,28 @@ def _shared_blocks() -> set[str]:
 def test_a_block_is_read_once_into_memory_of_its_own_and_is_gone_after() -> None:
     pixels = torch.randint(0, 255, (2520, 768), dtype=torch.uint8)
     before = _shared_blocks()
-    name, size = to_shared_memory(dumps({"pixels": pixels}))
+    block = to_shared_memory(dumps({"pixels": pixels}))
+    assert isinstance(block, tuple)  # /dev/shm had room
+    name, size = block
     assert _shared_blocks() - before == {name}
     back = from_shared_memory(name, size)
     assert torch.equal(back["pixels"], pixels) and _shared_blocks() == before
     with pytest.raises(FileNotFoundError):
         from_shared_memory(name, size)
+
+
+def test_without_room_in_dev_shm_the_data_itself_comes_back_for_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full /dev/shm (Docker's default 64 MB) cannot be made here: the reservation that would find
+    it full is made to fail as it would (ENOSPC), instead of the write that would kill the process."""
+
+    def no_room(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    data = dumps({"pixels": torch.zeros(2520, 768, dtype=torch.uint8)})
+    before = _shared_blocks()
+    assert to_shared_memory(data) is data
+    assert _shared_blocks() == before
 
 
 def test_renders_leave_no_shared_memory_behind_even_when_the_caller_gives_up(tiny_model: Path) -> None:

@@ -72,14 +72,15 @@ class RenderPool:
         """`prompt` as vLLM's `render_cmpl` takes it, rendered for `AsyncLLM.generate`."""
         future = self._pool.submit(_render, dumps(prompt))
         try:
-            block = await asyncio.wrap_future(future)
+            returned = await asyncio.wrap_future(future)
         except BrokenProcessPool:
             self.broken = True  # a worker died: nothing more renders, the server must restart
             raise
         except asyncio.CancelledError:
             future.add_done_callback(_free_unread)  # a render already running still fills a block
             raise
-        return pickle.loads(block) if isinstance(block, bytes) else from_shared_memory(*block)
+        # bytes where /dev/shm had no room (`to_shared_memory`), else the block's name and size
+        return pickle.loads(returned) if isinstance(returned, bytes) else from_shared_memory(*returned)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -59,14 +59,18 @@ def test_render_processes_are_on_with_cuda_off_on_cpu_and_the_operators_choice_w
     assert render_processes(ServeSettings(vllm=VllmSettings(render_processes=2))) == 2
 
 
+def _prompt() -> dict[str, Any]:
+    """A prompt with an image never seen before, as the engine hands it to `RenderPool.render`."""
+    return {"prompt_token_ids": [2, 7, 9], "multi_modal_data": {"image": Image.new("RGB", (64, 64))},
+            "multi_modal_uuids": {"image": [uuid.uuid4().hex]}}
+
+
 def test_every_process_renders_a_first_image_even_one_that_starts_late(tiny_model: Path) -> None:
     """No `warm_up()` first: the processes start while the prompts wait, and whichever is ready
     first would otherwise render them all (a process's first image is the slow one)."""
     pool = RenderPool(engine_args(ServeSettings(), str(tiny_model)).create_engine_config(), 2)
-    prompt = {"prompt_token_ids": [2, 7, 9], "multi_modal_data": {"image": Image.new("RGB", (64, 64))},
-              "multi_modal_uuids": {"image": [uuid.uuid4().hex]}}
     try:
-        assert len(asyncio.run(pool.render_in_every_process(prompt))) == 2
+        assert len(asyncio.run(pool.render_in_every_process(_prompt()))) == 2
     finally:
         pool.shutdown()
 
@@ -108,15 +112,11 @@ def test_renders_leave_no_shared_memory_behind_even_when_the_caller_gives_up(tin
     pool = RenderPool(engine_args(ServeSettings(), str(tiny_model)).create_engine_config(), 1)
     pool.warm_up()
 
-    def prompt() -> dict[str, Any]:
-        return {"prompt_token_ids": [2, 7, 9], "multi_modal_data": {"image": Image.new("RGB", (64, 64))},
-                "multi_modal_uuids": {"image": [uuid.uuid4().hex]}}
-
     async def give_up_on_one_then_render_one() -> dict[str, Any]:
-        abandoned = asyncio.create_task(pool.render(prompt()))
+        abandoned = asyncio.create_task(pool.render(_prompt()))
         await asyncio.sleep(0.05)  # submitted, and running in the one process
         abandoned.cancel()
-        return await pool.render(prompt())  # the one process finishes the abandoned render first
+        return await pool.render(_prompt())  # the one process finishes the abandoned render first
 
     before = _shared_blocks()
     try:

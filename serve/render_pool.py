@@ -12,12 +12,10 @@ Each worker builds the renderer the engine built, from the engine's own VllmConf
 there is the one the engine's renderer makes (tests/test_serve_api.py compares the answers).
 Images and tensors cross as raw bytes, not as torch's shared-memory handles: no file descriptors
 held per tensor. A rendered image (2 MB of pixels at 280 soft tokens) comes back in a shared-memory
-block of its own, not through the pool's pipe. Read from the pipe and unpickled by the pool's
-one manager thread, it cost the API process 3.9-4.6 ms of CPU per image, against 1.0-1.2 ms from
-shared memory (bench/bench_render_transport.py), in threads that share the event loop's
-interpreter lock. On a slower H100 host at saturation the GPU was a third idle while images waited
-about a second for their render and the render processes were two-thirds idle
-(docs/performance.md, 2026-12-06, ninth session).
+block of its own, not through the pool's pipe, where the pool's one manager thread read and
+unpickled every image in turn: on an H200 over HTTP an image's wait for its render was then about
+6x longer and the server served 0.91x the images/s (docs/performance.md, 2026-12-06, tenth
+session).
 """
 
 from __future__ import annotations
